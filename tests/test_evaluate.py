@@ -1,0 +1,130 @@
+"""End-to-end tests of evaluate_quantization_mteb.py: all four methods through mteb, Hamming-exact scoring, bad input."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mteb.models.abs_encoder import AbsEncoder
+from sentence_transformers.util.quantization import quantize_embeddings
+
+import evaluate_quantization_mteb as ev
+import quantization_modules as qm
+from conftest import ROOT, TINY_DOCS, TINY_QUERIES
+
+
+@pytest.fixture
+def checkpoints(tmp_path, model):
+    """Both stages trained briefly on the tiny texts' real embeddings, saved as the command line would."""
+    texts = [t + " " + x for t, x in TINY_DOCS.values()] + [q for q, _ in TINY_QUERIES.values()]
+    embeddings = qm.embed_texts(model, texts, tmp_path / "cache" / "_training")
+    for method, train in [("stage1", qm.train_quantization_stage1), ("stage2", qm.train_quantization_stage2)]:
+        quantizer = train(embeddings, epochs=3, batch_size=8)
+        qm.save_quantizer(qm.checkpoint_path(tmp_path / "ckpt", qm.DEFAULT_MODEL, method), quantizer, {"base_model": qm.DEFAULT_MODEL})
+    return tmp_path / "ckpt"
+
+
+def run(tmp_path, *args):
+    ev.main(["--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "results"), *map(str, args)])
+
+
+def test_four_methods_end_to_end(tmp_path, tiny_beir, checkpoints, capsys):
+    run(tmp_path, "--tasks", "SciFact", "--data-dir", tiny_beir, "--checkpoints", checkpoints)
+    out = capsys.readouterr().out
+    rows = pd.read_csv(tmp_path / "results" / "latest.csv")
+    assert list(rows.columns) == ["task", "split", "method", "metric", "value"]
+    assert sorted(rows.method.unique()) == sorted(ev.METHODS)
+    assert set(rows.task) == {"SciFact"} and set(rows.split) == {"test"}
+    for metric in ("ndcg_at_10", "recall_at_100", "mrr_at_10"):
+        values = rows[rows.metric == metric].set_index("method").value
+        assert len(values) == 4 and values.between(0, 1).all(), metric
+    ndcg = rows[rows.metric == "ndcg_at_10"].set_index("method").value
+    assert ndcg["float"] > 0.9  # each tiny query has one obvious document
+    bits = rows[rows.metric == "bits_per_vector"].set_index("method").value
+    assert bits.to_dict() == {"float": 12288, "stage1_zero": 384, "stage1_trained": 384, "stage2_trained": 288}
+    assert "| mean" in out and "retention" in out
+    assert (tmp_path / "results" / "latest.md").read_text().startswith("## ")
+    assert list((tmp_path / "results" / "mteb").rglob("SciFact.json"))
+
+    # a rerun encodes nothing: every text is in the cache
+    cache_files = {p: p.stat().st_mtime for p in (tmp_path / "cache").rglob("vectors.npy")}
+    run(tmp_path, "--tasks", "SciFact", "--data-dir", tiny_beir, "--checkpoints", checkpoints, "--methods", "float")
+    assert cache_files and cache_files == {p: p.stat().st_mtime for p in (tmp_path / "cache").rglob("vectors.npy")}
+
+
+def hamming_scores(query_emb: np.ndarray, doc_emb: np.ndarray) -> np.ndarray:
+    """Bits minus twice the popcount of XOR-ed packed sign codes: what a Hamming index ranks by."""
+    q, d = quantize_embeddings(query_emb, "ubinary"), quantize_embeddings(doc_emb, "ubinary")
+    distance = np.unpackbits(q[:, None, :] ^ d[None, :, :], axis=2).sum(axis=2, dtype=np.int64)
+    return query_emb.shape[1] - 2 * distance
+
+
+class FixedEmbeddings(AbsEncoder):
+    """Hands the given float embeddings on, so the quantised encoder can be checked on known inputs."""
+
+    mteb_model_meta = ev.ModelMeta.create_empty(overwrites=dict(name="org/model"))
+
+    def encode(self, inputs, **kwargs):
+        return inputs
+
+
+def assert_scores_are_hamming(query_emb: np.ndarray, doc_emb: np.ndarray) -> None:
+    encoder = ev.QuantizedEncoder(FixedEmbeddings(), qm.QuantizationModuleStage1(query_emb.shape[1]), "stage1_zero")
+    codes = [encoder.encode(e, task_metadata=None, hf_split="test", hf_subset="default") for e in (query_emb, doc_emb)]
+    assert np.array_equal(np.asarray(encoder.similarity(*codes)), hamming_scores(query_emb, doc_emb))
+
+
+def test_binary_scores_are_hamming_over_packed_codes(model):
+    queries = model.encode([q for q, _ in TINY_QUERIES.values()])
+    docs = model.encode([t + " " + x for t, x in TINY_DOCS.values()])
+    assert_scores_are_hamming(queries, docs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "SciFactt"], "SciFact"),  # mteb suggests the close name
+    (["--tasks", "Banking77Classification"], "only Retrieval tasks"),
+    (["--tasks", " "], "no task names"),
+    (["--tasks"], "expected at least one argument"),
+    (["--tasks", "SciFact", "--data-dir", "/nonexistent"], "data folder not found"),
+    (["--tasks", "NFCorpus", "--data-dir", "{data}"], "no folder for NFCorpus"),
+])
+def test_bad_input_before_any_work(tmp_path, tiny_beir, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, *[a.replace("{data}", str(tiny_beir)) for a in args])
+    error = str(exit_info.value.code) + capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and "\n" not in error.strip()
+    assert not (tmp_path / "results" / "latest.csv").exists()
+
+
+def test_bad_checkpoints_and_data_are_refused(tmp_path, tiny_beir, checkpoints):
+    def refused(message, *extra, checkpoints_dir=checkpoints):
+        with pytest.raises(SystemExit) as exit_info:
+            run(tmp_path, "--tasks", "SciFact", "--data-dir", tiny_beir, "--checkpoints", checkpoints_dir, *extra)
+        assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+        assert not (tmp_path / "results" / "latest.csv").exists()
+
+    refused("train one with: python quantization_modules.py", checkpoints_dir=tmp_path / "empty")
+    stage2 = qm.checkpoint_path(checkpoints, qm.DEFAULT_MODEL, "stage2")
+    other = qm.QuantizationModuleStage2(384)
+    qm.save_quantizer(stage2, other, {"base_model": "someone/else"})
+    refused("trained for model 'someone/else'")
+    torch.save({"thresholds": other.thresholds.data}, stage2)
+    refused("pickled checkpoints are refused")
+    qm.save_quantizer(stage2, other, {"base_model": qm.DEFAULT_MODEL})
+    (tmp_path / "a_file").write_text("")
+    refused("is not writable", "--output", tmp_path / "a_file" / "results")
+    with open(tiny_beir / "scifact" / "qrels" / "test.tsv", "a") as f:
+        f.write("q1\td1\n")
+    refused("malformed qrels line")
+    (tiny_beir / "scifact" / "qrels" / "test.tsv").unlink()
+    refused("missing qrels file")
+
+
+def test_command_line_error_is_one_line_without_traceback():
+    result = subprocess.run([sys.executable, "evaluate_quantization_mteb.py", "--tasks", "NFCorpuss"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "NFCorpus" in result.stderr
