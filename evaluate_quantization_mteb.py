@@ -13,24 +13,32 @@ import tempfile
 import time
 from pathlib import Path
 
-import mteb
-import numpy as np
-import pandas as pd
-import torch
-from mteb.models.abs_encoder import AbsEncoder
-from mteb.models.cache_wrappers import CachedEmbeddingWrapper
-from mteb.models.model_meta import ModelMeta, ScoringFunction
+import faiss
+import matplotlib
 
-from quantization_modules import (
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mteb  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from mteb.models.cache_wrappers import CachedEmbeddingWrapper  # noqa: E402
+from mteb.models.model_meta import ModelMeta, ScoringFunction  # noqa: E402
+from mteb.models.search_wrappers import SearchEncoderWrapper  # noqa: E402
+
+from quantization_modules import (  # noqa: E402
     CACHE_DIR,
     DEFAULT_MODEL,
     QuantizationModuleStage1,
     UsageError,
+    build_binary_index,
     checkpoint_path,
     load_base_model,
     load_beir,
     load_quantizer,
     model_slug,
+    pack_codes,
+    rescore_search,
     to_signed,
 )
 
@@ -38,28 +46,70 @@ from quantization_modules import (
 CHECKPOINTS_DIR = "checkpoints"
 OUTPUT_DIR = "results"
 BATCH_SIZE = 32
-METHODS = ["float", "stage1_zero", "stage1_trained", "stage2_trained"]  # the rows of every table, in this order
+RESCORE_K = 50  # Hamming candidates re-ranked with float vectors in the +rescore rows
+METHODS = ["float", "stage1_zero", "stage1_trained", "stage2_trained"]
+MODES = {"hamming": "", "rescore": "+rescore", "asym": "+asym"}  # search mode -> suffix of the row name
 
 
-class QuantizedEncoder(AbsEncoder):
-    """Binary codes from a shared float encoder, returned as ±1 and scored by dot product.
+class BinaryIndex:
+    """An mteb search backend over packed binary codes: faiss IndexBinaryFlat, exact Hamming distance.
 
-    For ±1 codes, dot = bits_per_vector - 2 * Hamming distance, so mteb ranks exactly as a Hamming search over the
-    packed codes would (unlike mteb's CompressionWrapper, which scores 0/1 vectors by cosine).
+    It receives float embeddings from the shared encoder and quantises them itself. Modes:
+      hamming: rank by Hamming distance (score = bits - 2 * distance, the dot product of ±1 codes);
+      rescore: the Hamming top-k re-ranked by float query . float document (float documents are kept);
+      asym:    the query's soft ±1 code (no hard rounding) . the document's ±1 code (no float documents kept).
     """
 
-    def __init__(self, float_encoder, quantizer: QuantizationModuleStage1, method: str):
-        self.float_encoder = float_encoder
-        self.quantizer = quantizer
-        self.mteb_model_meta = float_encoder.mteb_model_meta.model_copy(
-            update=dict(revision=method, embed_dim=quantizer.bits_per_vector, similarity_fn_name=ScoringFunction.DOT_PRODUCT)
-        )
+    def __init__(self, quantizer: QuantizationModuleStage1, mode: str = "hamming", rescore_k: int = RESCORE_K):
+        self.quantizer, self.mode, self.rescore_k = quantizer, mode, rescore_k
+        self.clear()
 
-    def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs) -> np.ndarray:
-        x = self.float_encoder.encode(
-            inputs, task_metadata=task_metadata, hf_split=hf_split, hf_subset=hf_subset, prompt_type=prompt_type, **kwargs
-        )
-        return to_signed(self.quantizer.quantize(torch.as_tensor(np.asarray(x), dtype=torch.float32))).numpy()
+    def bytes_per_vector(self, dim: int) -> int:
+        code_bytes = -(-self.quantizer.bits_per_vector // 8)
+        return code_bytes + 4 * dim if self.mode == "rescore" else code_bytes
+
+    def _codes(self, x: np.ndarray) -> np.ndarray:
+        return pack_codes(self.quantizer.quantize(torch.from_numpy(x)))
+
+    def add_documents(self, embeddings, idxs: list[str]) -> None:
+        docs = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
+        self.index = build_binary_index(self._codes(docs))
+        self.float_docs = docs if self.mode == "rescore" else None
+
+    def search(self, embeddings, top_k: int, similarity_fn=None, top_ranked=None, query_idx_to_id=None):
+        queries = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
+        top_k = min(top_k, self.index.ntotal)
+        if self.mode == "hamming":
+            distances, ids = self.index.search(self._codes(queries), top_k)
+            return (self.quantizer.bits_per_vector - 2 * distances).tolist(), ids.tolist()
+        if self.mode == "rescore":
+            k = min(self.rescore_k, self.index.ntotal)
+            scores, ids = rescore_search(self.index, self.float_docs, queries, self._codes(queries), k, min(k, top_k))
+            return scores.tolist(), ids.tolist()
+        codes = faiss_codes(self.index)[:, : self.quantizer.bits_per_vector]
+        soft_queries = to_signed(self.quantizer(torch.from_numpy(queries))).detach()
+        scores, ids = torch.topk(soft_queries @ to_signed(torch.from_numpy(codes)).T, top_k, dim=1)
+        return scores.tolist(), ids.tolist()
+
+    def clear(self) -> None:
+        self.index, self.float_docs = None, None
+
+
+class IndexedSearch(SearchEncoderWrapper):
+    """mteb's SearchEncoderWrapper with an index backend, named after its row."""
+
+    def __init__(self, encoder, index: BinaryIndex, row: str):
+        super().__init__(encoder, index_backend=index)
+        self.mteb_model_meta = encoder.mteb_model_meta.model_copy(update=dict(revision=row))
+
+    def _sort_full_corpus_results(self, *, sub_corpus_ids, **kwargs):
+        # mteb indexes a datasets Column once per hit here (minutes for 300 queries x 1,000 hits); a list is instant
+        return super()._sort_full_corpus_results(sub_corpus_ids=list(sub_corpus_ids), **kwargs)
+
+
+def faiss_codes(index) -> np.ndarray:
+    """The unpacked bits stored in a faiss binary index, (ntotal, padded bits)."""
+    return np.unpackbits(faiss.vector_to_array(index.xb).reshape(index.ntotal, index.code_size), axis=1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,10 +120,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoints", type=Path, default=Path(CHECKPOINTS_DIR), help="reads <dir>/<model-slug>/stage{1,2}.safetensors")
     p.add_argument("--data-dir", type=Path, help="folder of BEIR task folders (scifact/, nfcorpus/); default: MTEB's hub loader")
     p.add_argument("--output", type=Path, default=Path(OUTPUT_DIR))
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="rows to evaluate (default: all)")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="methods to evaluate (default: all)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="search modes of the binary methods")
+    p.add_argument("--rescore-k", type=int, default=RESCORE_K, help="Hamming candidates re-ranked by float (+rescore rows)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--cache-dir", type=Path, default=Path(CACHE_DIR), help="float embedding cache (one pass per text)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.rescore_k < 10:
+        p.error(f"--rescore-k must be at least 10 (nDCG@10 needs ten documents), got {args.rescore_k}")
+    return args
 
 
 def get_retrieval_tasks(names: list[str], data_dir: Path | None) -> list:
@@ -116,26 +171,53 @@ def check_writable(folder: Path) -> None:
         raise UsageError(f"output folder {folder} is not writable ({e.strerror})") from None
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
 
 
-def report(rows: pd.DataFrame, bits: dict[str, int], title: str) -> str:
-    """Markdown: nDCG@10 per task x method with a mean row, then retention vs float with bits per vector."""
-    ndcg = rows[rows.metric == "ndcg_at_10"].pivot_table(index="task", columns="method", values="value")
-    ndcg = ndcg[[m for m in METHODS if m in ndcg.columns]]
+def report(rows: pd.DataFrame, title: str) -> str:
+    """Markdown: nDCG@10 per task x method with a mean row, then per method: bits, bytes and retention vs float."""
+    order = list(dict.fromkeys(rows.method))
+    wide = rows.pivot_table(index="method", columns=["metric", "task"], values="value").reindex(order)
+    ndcg = wide["ndcg_at_10"].T
     ndcg.loc["mean"] = ndcg.mean()
     lines = [f"## {title}", "", "nDCG@10", "", ndcg.to_markdown(floatfmt=".4f"), ""]
-    if "float" in ndcg.columns:
-        retention = ndcg.drop(index="mean").div(ndcg.drop(index="mean")["float"], axis=0).T
-        retention.columns = [f"{c} retention" for c in retention.columns]
-        retention.insert(0, "bits_per_vector", [bits[m] for m in retention.index])
-        retention["mean retention"] = retention.iloc[:, 1:].mean(axis=1)
-        lines += ["Retention vs float (nDCG@10 of the method / nDCG@10 of float)", "",
-                  retention.to_markdown(floatfmt=("", ".0f") + (".1%",) * (retention.shape[1] - 1)), ""]
+    per_method = pd.DataFrame({"bits_per_vector": wide["bits_per_vector"].iloc[:, 0], "bytes_per_vector": wide["bytes_per_vector"].iloc[:, 0]})
+    if "retention" in wide:
+        for task in wide["retention"].columns:
+            per_method[f"{task} retention"] = wide["retention"][task].map("{:.1%}".format)
+        per_method["mean retention"] = wide["retention"].mean(axis=1).map("{:.1%}".format)
+        lines += ["Cost and retention vs float (nDCG@10 of the method / nDCG@10 of float)", ""]
+    lines += [per_method.to_markdown(floatfmt=".0f"), ""]
     return "\n".join(lines)
+
+
+def plot(rows: pd.DataFrame, title: str) -> bytes:
+    """nDCG@10 against bytes per vector (log x), one panel and one frontier line per task, one labelled marker per method."""
+    ndcg = rows[rows.metric == "ndcg_at_10"].merge(
+        rows[rows.metric == "bytes_per_vector"][["task", "method", "value"]].rename(columns={"value": "bytes"}), on=["task", "method"])
+    tasks = list(dict.fromkeys(ndcg.task))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        group = ndcg[ndcg.task == task].sort_values(["bytes", "value"])
+        frontier = group[group.value >= group.value.cummax()]  # the best quality reachable at each size
+        ax.plot(frontier.bytes, frontier.value, "-", color="tab:blue", alpha=0.5, label=f"{task} frontier")
+        for _, r in group.iterrows():
+            ax.plot(r.bytes, r.value, "o", color="tab:blue")
+            ax.annotate(r.method, (r.bytes, r.value), fontsize=7, xytext=(5, -3), textcoords="offset points")
+        ax.set(xscale="log", xlabel="bytes per vector (log scale)", ylabel="nDCG@10", title=task)
+        ax.set_xlim(group.bytes.min() / 1.5, group.bytes.max() * 3)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with tempfile.TemporaryFile() as f:
+        fig.savefig(f, format="png", dpi=120)
+        plt.close(fig)
+        f.seek(0)
+        return f.read()
 
 
 def main(argv=None) -> None:
@@ -165,38 +247,55 @@ def main(argv=None) -> None:
             "stage2_trained": lambda: trained("stage2"),
         }
         quantizers = {m: build() for m, build in method_table.items() if m in args.methods}
-        encoders = {m: cached if q is None else QuantizedEncoder(cached, q, m) for m, q in quantizers.items()}
-        bits = {m: 32 * dim if q is None else q.bits_per_vector for m, q in quantizers.items()}
     except UsageError as e:
         sys.exit(f"error: {e}")
 
-    # evaluate every task x method through mteb; mteb's own JSON goes under <output>/mteb
+    # every row is the shared float encoder, searched either exactly (float) or through a binary index
+    rows_to_run = {}  # row name -> (mteb model, bits per vector, bytes per vector)
+    for method, quantizer in quantizers.items():
+        if quantizer is None:
+            rows_to_run[method] = (cached, 32 * dim, 4 * dim)
+            continue
+        for mode in args.modes:
+            index, row = BinaryIndex(quantizer, mode, args.rescore_k), method + MODES[mode]
+            rows_to_run[row] = (IndexedSearch(cached, index, row), quantizer.bits_per_vector, index.bytes_per_vector(dim))
+
+    # evaluate every task x row through mteb; mteb's own JSON goes under <output>/mteb
     records, timings = [], {}
     result_cache = mteb.ResultCache(args.output / "mteb")
-    for method, encoder in encoders.items():
+    for row, (model, bits, nbytes) in rows_to_run.items():
         start = time.time()
-        result = mteb.evaluate(encoder, tasks=tasks, cache=result_cache, overwrite_strategy="always",
+        result = mteb.evaluate(model, tasks=tasks, cache=result_cache, overwrite_strategy="always",
                                encode_kwargs={"batch_size": args.batch_size}, show_progress_bar=False)
-        timings[method] = time.time() - start
+        timings[row] = time.time() - start
         for task_result in result.task_results:
             for split, scores in task_result.scores.items():
                 for name, value in scores[0].items():
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        records.append((task_result.task_name, split, method, name, float(value)))
-        records += [(t.metadata.name, t.eval_splits[0], method, "bits_per_vector", float(bits[method])) for t in tasks]
-        print(f"{method}: {timings[method]:.1f}s")
+                        records.append((task_result.task_name, split, row, name, float(value)))
+                records += [(task_result.task_name, split, row, "bits_per_vector", float(bits)),
+                            (task_result.task_name, split, row, "bytes_per_vector", float(nbytes))]
+        print(f"{row}: {timings[row]:.1f}s")
     rows = pd.DataFrame(records, columns=["task", "split", "method", "metric", "value"])
+    if "float" in rows_to_run:
+        ndcg = rows[rows.metric == "ndcg_at_10"]
+        float_ndcg = ndcg[ndcg.method == "float"].set_index("task").value
+        retention = ndcg.assign(metric="retention", value=ndcg.value / ndcg.task.map(float_ndcg))
+        rows = pd.concat([rows, retention], ignore_index=True)
 
-    # report: markdown to stdout and results/, long-form CSV to results/<timestamp>.csv and results/latest.csv
+    # report: markdown to stdout and results/, long-form CSV, and the quality-vs-bytes picture
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    markdown = report(rows, bits, f"{args.model} on {', '.join(t.metadata.name for t in tasks)} ({stamp})")
+    title = f"{args.model} on {', '.join(t.metadata.name for t in tasks)} ({stamp})"
+    markdown = report(rows, title)
     print("\n" + markdown)
     csv = rows.to_csv(index=False, float_format="%.6g")
+    picture = plot(rows, f"{args.model}: quality vs bytes")
     for name in (f"{stamp}.csv", "latest.csv"):
         write_atomic(args.output / name, csv)
     for name in (f"{stamp}.md", "latest.md"):
         write_atomic(args.output / name, markdown + "\n")
-    print(f"wrote {args.output / (stamp + '.csv')}, {args.output / 'latest.csv'} and .md; timings (s): "
+    write_atomic(args.output / "quality_vs_bytes.png", picture)
+    print(f"wrote {args.output / (stamp + '.csv')}, latest.csv, latest.md and quality_vs_bytes.png; timings (s): "
           + ", ".join(f"{m} {s:.1f}" for m, s in timings.items()))
 
 

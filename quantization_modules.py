@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,26 @@ QUANTIZERS = {"stage1": QuantizationModuleStage1, "stage2": QuantizationModuleSt
 def to_signed(codes: torch.Tensor) -> torch.Tensor:
     """0/1 codes -> -1/+1, so that a dot product is bits_per_vector - 2 * Hamming distance."""
     return 2 * codes.float() - 1
+
+
+def pack_codes(bits: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Bool bits (n, b) -> uint8 codes (n, ceil(b / 8)), as np.packbits lays them out and faiss binary indexes take."""
+    return np.packbits(np.asarray(bits, dtype=bool), axis=1)
+
+
+def build_binary_index(codes: np.ndarray) -> faiss.IndexBinaryFlat:
+    """Exact Hamming search over packed codes. Padding bits are 0 in every code, so distances are unchanged."""
+    index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+    index.add(codes)
+    return index
+
+
+def rescore_search(binary_index, float_docs: np.ndarray, float_queries: np.ndarray, query_codes: np.ndarray, k: int, top: int):
+    """Hamming top-k from `binary_index`, re-ranked by float query . float document. Returns (scores, ids), each (q, top)."""
+    _, candidates = binary_index.search(query_codes, k)
+    scores = (float_docs[candidates] @ float_queries[:, :, None])[:, :, 0]  # gather k rows per query, small matmul
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(candidates, order, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

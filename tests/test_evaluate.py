@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mteb.models.abs_encoder import AbsEncoder
 from sentence_transformers.util.quantization import quantize_embeddings
 
 import evaluate_quantization_mteb as ev
@@ -35,18 +34,24 @@ def test_four_methods_end_to_end(tmp_path, tiny_beir, checkpoints, capsys):
     out = capsys.readouterr().out
     rows = pd.read_csv(tmp_path / "results" / "latest.csv")
     assert list(rows.columns) == ["task", "split", "method", "metric", "value"]
-    assert sorted(rows.method.unique()) == sorted(ev.METHODS)
+    rows_run = ["float"] + [m + suffix for m in ev.METHODS[1:] for suffix in ("", "+rescore", "+asym")]
+    assert list(rows.method.unique()) == rows_run
     assert set(rows.task) == {"SciFact"} and set(rows.split) == {"test"}
     for metric in ("ndcg_at_10", "recall_at_100", "mrr_at_10"):
         values = rows[rows.metric == metric].set_index("method").value
-        assert len(values) == 4 and values.between(0, 1).all(), metric
+        assert len(values) == 10 and values.between(0, 1).all(), metric
     ndcg = rows[rows.metric == "ndcg_at_10"].set_index("method").value
     assert ndcg["float"] > 0.9  # each tiny query has one obvious document
-    bits = rows[rows.metric == "bits_per_vector"].set_index("method").value
-    assert bits.to_dict() == {"float": 12288, "stage1_zero": 384, "stage1_trained": 384, "stage2_trained": 288}
+    nbytes = rows[rows.metric == "bytes_per_vector"].set_index("method").value.to_dict()
+    assert nbytes == {"float": 1536, **{m + s: b for m, b in [("stage1_zero", 48), ("stage1_trained", 48), ("stage2_trained", 36)]
+                                        for s in ("", "+asym")},
+                      "stage1_zero+rescore": 1584, "stage1_trained+rescore": 1584, "stage2_trained+rescore": 1572}
+    retention = rows[rows.metric == "retention"].set_index("method").value
+    assert retention["float"] == 1 and retention["stage1_zero"] == pytest.approx(ndcg["stage1_zero"] / ndcg["float"])
     assert "| mean" in out and "retention" in out
     assert (tmp_path / "results" / "latest.md").read_text().startswith("## ")
-    assert list((tmp_path / "results" / "mteb").rglob("SciFact.json"))
+    assert len(list((tmp_path / "results" / "mteb").rglob("SciFact.json"))) == 10
+    assert (tmp_path / "results" / "quality_vs_bytes.png").read_bytes().startswith(b"\x89PNG")
 
     # a rerun encodes nothing: every text is in the cache
     cache_files = {p: p.stat().st_mtime for p in (tmp_path / "cache").rglob("vectors.npy")}
@@ -61,25 +66,40 @@ def hamming_scores(query_emb: np.ndarray, doc_emb: np.ndarray) -> np.ndarray:
     return query_emb.shape[1] - 2 * distance
 
 
-class FixedEmbeddings(AbsEncoder):
-    """Hands the given float embeddings on, so the quantised encoder can be checked on known inputs."""
-
-    mteb_model_meta = ev.ModelMeta.create_empty(overwrites=dict(name="org/model"))
-
-    def encode(self, inputs, **kwargs):
-        return inputs
-
-
 def assert_scores_are_hamming(query_emb: np.ndarray, doc_emb: np.ndarray) -> None:
-    encoder = ev.QuantizedEncoder(FixedEmbeddings(), qm.QuantizationModuleStage1(query_emb.shape[1]), "stage1_zero")
-    codes = [encoder.encode(e, task_metadata=None, hf_split="test", hf_subset="default") for e in (query_emb, doc_emb)]
-    assert np.array_equal(np.asarray(encoder.similarity(*codes)), hamming_scores(query_emb, doc_emb))
+    """The faiss-backed stage1_zero index scores every returned document by bits - 2 * popcount(q XOR d)."""
+    index = ev.BinaryIndex(qm.QuantizationModuleStage1(query_emb.shape[1]), "hamming")
+    index.add_documents(doc_emb, [str(i) for i in range(len(doc_emb))])
+    scores, ids = index.search(query_emb, top_k=len(doc_emb))
+    expected = hamming_scores(query_emb, doc_emb)
+    for i in range(len(query_emb)):
+        assert sorted(ids[i]) == list(range(len(doc_emb)))
+        assert scores[i] == expected[i, ids[i]].tolist() and scores[i] == sorted(scores[i], reverse=True)
 
 
 def test_binary_scores_are_hamming_over_packed_codes(model):
     queries = model.encode([q for q, _ in TINY_QUERIES.values()])
     docs = model.encode([t + " " + x for t, x in TINY_DOCS.values()])
     assert_scores_are_hamming(queries, docs)
+
+
+def test_rescoring_everything_is_float_ranking_and_asym_keeps_no_floats(model):
+    queries = model.encode([q for q, _ in TINY_QUERIES.values()])
+    docs = model.encode([t + " " + x for t, x in TINY_DOCS.values()])
+    rescore = ev.BinaryIndex(qm.QuantizationModuleStage1(384), "rescore", rescore_k=len(docs))
+    rescore.add_documents(docs, list(TINY_DOCS))
+    scores, ids = rescore.search(queries, top_k=len(docs))
+    float_scores = queries @ docs.T
+    assert np.array_equal(np.array(ids), np.argsort(-float_scores, axis=1))
+    assert np.allclose(scores, np.sort(float_scores, axis=1)[:, ::-1], atol=1e-6)
+
+    asym = ev.BinaryIndex(qm.QuantizationModuleStage2(384), "asym")
+    asym.add_documents(docs, list(TINY_DOCS))
+    assert asym.float_docs is None and asym.bytes_per_vector(384) == 36 and rescore.bytes_per_vector(384) == 48 + 1536
+    scores, ids = asym.search(queries, top_k=3)
+    doc_codes = qm.to_signed(asym.quantizer.quantize(torch.from_numpy(docs)))
+    expected = qm.to_signed(asym.quantizer(torch.from_numpy(queries))).detach() @ doc_codes.T
+    assert np.allclose(scores, np.take_along_axis(expected.numpy(), np.array(ids), 1), atol=1e-5)
 
 
 @pytest.mark.parametrize("args, message", [

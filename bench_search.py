@@ -1,0 +1,158 @@
+"""Search benchmark: float32 exact search vs packed binary codes (Stage 1, Stage 2) vs binary search + float rescoring.
+
+For each method: index memory, single-query p50 latency and batch throughput, all top-10, with faiss. Times are
+wall-clock on the machine that runs this, with faiss's default thread count (OMP_NUM_THREADS changes it; on a busy
+machine threads wait for each other, so small searches slow down). The last line of stdout is JSON.
+
+    python bench_search.py                        # 1,000,000 random unit vectors, dimension 384
+    python bench_search.py --n 20000              # a quick run
+    python bench_search.py --embeddings emb.npy   # cached float embeddings (float32 .npy, one row per vector)
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from quantization_modules import (
+    QuantizationModuleStage1,
+    QuantizationModuleStage2,
+    UsageError,
+    build_binary_index,
+    pack_codes,
+    rescore_search,
+)
+
+# defaults (override on the command line)
+N = 1_000_000
+DIM = 384
+QUERIES = 1000  # batch size of the throughput measurement: one search call with all of them
+SINGLE = 50  # one-query search calls for the p50 latency
+RESCORE_K = 50  # Hamming candidates re-ranked by float dot product
+SEED = 0
+TOP = 10
+CHUNK = 100_000  # rows per step when generating, normalising and quantising: no big temporaries
+QUERY_NOISE = 0.01  # --embeddings: per-component noise on sampled rows, so a query is near its document, not equal
+
+
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    """Scale each row of a float32 matrix to unit length, in place, a chunk at a time."""
+    for s in range(0, len(x), CHUNK):
+        x[s : s + CHUNK] /= np.maximum(np.linalg.norm(x[s : s + CHUNK], axis=1, keepdims=True), 1e-12)
+    return x
+
+
+def random_unit_vectors(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+    x = np.empty((n, dim), dtype=np.float32)
+    for s in range(0, n, CHUNK):  # drawn straight as float32: no float64 copy of the whole matrix
+        x[s : s + CHUNK] = rng.standard_normal((min(CHUNK, n - s), dim), dtype=np.float32)
+    return normalise_rows(x)
+
+
+def load_data(n: int, dim: int, queries: int, seed: int, embeddings=None) -> tuple[np.ndarray, np.ndarray]:
+    """Documents (n, dim) and queries (queries, dim), unit float32: random, or the first n rows of a .npy file."""
+    rng = np.random.default_rng(seed)
+    if embeddings is None:
+        return random_unit_vectors(n, dim, rng), random_unit_vectors(queries, dim, rng)
+    path = Path(embeddings)
+    if not path.is_file():
+        raise UsageError(f"embeddings file not found: {path}")
+    try:
+        source = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError):
+        raise UsageError(f"{path} is not a .npy matrix numpy can read without pickle") from None
+    if source.ndim != 2 or source.shape[1] != dim:
+        raise UsageError(f"{path} has shape {source.shape}, want (rows, {dim}); set --dim to match")
+    if n > len(source):
+        raise UsageError(f"--n {n:,} is more than the {len(source):,} rows in {path}")
+    docs = normalise_rows(np.array(source[:n], dtype=np.float32))
+    # queries: sampled documents plus noise, so each has a true near neighbour as real queries do
+    q = docs[rng.integers(0, n, queries)] + QUERY_NOISE * rng.standard_normal((queries, dim), dtype=np.float32)
+    return docs, normalise_rows(q)
+
+
+def encode(quantizer, x: np.ndarray) -> np.ndarray:
+    """Packed codes of float vectors from one of the project's quantisers, so the bit layout is theirs, not a copy."""
+    return np.concatenate([pack_codes(quantizer.quantize(torch.from_numpy(x[s : s + CHUNK])).numpy())
+                           for s in range(0, len(x), CHUNK)])
+
+
+def time_search(search, single: int, queries: int) -> tuple[float, float]:
+    """p50 ms over `single` one-query calls (after one warm-up call), and seconds for one call with `queries` queries."""
+    search(slice(0, 1))
+    times = []
+    for i in range(single):
+        start = time.perf_counter()
+        search(slice(i, i + 1))
+        times.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    search(slice(0, queries))
+    return 1000 * float(np.median(times)), time.perf_counter() - start
+
+
+def run(n, dim=DIM, queries=QUERIES, single=SINGLE, rescore_k=RESCORE_K, seed=SEED, embeddings=None) -> dict:
+    """Build every index, time it, print the table, and return the summary that becomes the JSON line."""
+    for bad, message in [(n < TOP, f"--n must be at least {TOP}, got {n}"),
+                         (dim < 4 or dim % 4, f"--dim must be a positive multiple of 4 (Stage 2 pairs), got {dim}"),
+                         (rescore_k < TOP, f"--rescore-k must be at least {TOP}, got {rescore_k}"),
+                         (rescore_k > n, f"--rescore-k {rescore_k} is more than --n {n}"),
+                         (queries < 1 or single < 1, f"--queries and --single must be positive, got {queries}, {single}")]:
+        if bad:
+            raise UsageError(message)
+    docs, q = load_data(n, dim, max(queries, single), seed, embeddings)
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(docs)
+    stage1, stage2 = QuantizationModuleStage1(dim), QuantizationModuleStage2(dim)  # untrained: thresholds all zero
+    index1, index2 = build_binary_index(encode(stage1, docs)), build_binary_index(encode(stage2, docs))
+    q1, q2 = encode(stage1, q), encode(stage2, q)
+    float_bytes, binary_bytes = flat.ntotal * flat.d * 4, index1.ntotal * index1.code_size
+    methods = [  # JSON key, name, search over a slice of the queries, index bytes
+        ("float", "float32 IndexFlatIP", lambda r: flat.search(q[r], TOP), float_bytes),
+        ("binary", f"stage1 {stage1.bits_per_vector} bits IndexBinaryFlat", lambda r: index1.search(q1[r], TOP), binary_bytes),
+        ("stage2", f"stage2 {stage2.bits_per_vector} bits IndexBinaryFlat", lambda r: index2.search(q2[r], TOP),
+         index2.ntotal * index2.code_size),
+        ("rescore", f"stage1 top-{rescore_k} + float rescore (binary index + float store)",
+         lambda r: rescore_search(index1, docs, q[r], q1[r], rescore_k, TOP), binary_bytes + docs.nbytes),
+    ]
+    result, rows = {"n": n}, []
+    for key, name, search, nbytes in methods:
+        single_ms, batch_s = time_search(search, single, queries)
+        result |= {f"{key}_single_ms": single_ms, f"{key}_batch_s": batch_s}
+        if key != "rescore":  # rescoring holds the binary index and the float store; its sum is in the table
+            result[f"{key}_bytes"] = nbytes // n
+        rows.append([name, nbytes / 2**20, nbytes // n, single_ms, result["float_single_ms"] / single_ms, batch_s,
+                     queries / batch_s, result["float_batch_s"] / batch_s, float_bytes / nbytes])
+    data = f"embeddings {embeddings}" if embeddings else f"random unit vectors (seed {seed})"
+    print(f"{n:,} vectors, dim {dim}, {data}; top-{TOP}; {queries:,} batch queries, p50 of {single} single queries; "
+          f"faiss threads {faiss.omp_get_max_threads()}; wall-clock times on this machine")
+    print(tabulate(rows, floatfmt=".3f", tablefmt="github",
+                   headers=["method", "MiB", "bytes/vec", "single p50 ms", "speed-up", "batch s", "queries/s",
+                            "speed-up", "memory: float/this"]))
+    return result
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=N, help="number of document vectors")
+    p.add_argument("--dim", type=int, default=DIM)
+    p.add_argument("--queries", type=int, default=QUERIES, help="batch size of the throughput measurement")
+    p.add_argument("--single", type=int, default=SINGLE, help="one-query calls for the p50 latency")
+    p.add_argument("--rescore-k", type=int, default=RESCORE_K, help="Hamming candidates re-ranked by float")
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--embeddings", type=Path, help="float .npy matrix to use instead of random vectors")
+    args = p.parse_args(argv)
+    try:
+        result = run(args.n, args.dim, args.queries, args.single, args.rescore_k, args.seed, args.embeddings)
+    except UsageError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The search benchmark: its summary, its Hamming search against a direct popcount, rescoring against exact search,
+and its command line. Real code at small N; no timing asserts (times depend on the machine)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+import bench_search as bs
+import quantization_modules as qm
+from quantization_modules import QuantizationModuleStage1, QuantizationModuleStage2, UsageError
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS = {"n", "float_single_ms", "binary_single_ms", "float_batch_s", "binary_batch_s", "rescore_single_ms",
+        "float_bytes", "binary_bytes"}
+OPTIONAL_KEYS = {"stage2_single_ms", "stage2_batch_s", "stage2_bytes", "rescore_batch_s"}
+
+
+def unit_vectors(n, seed, dim=384):
+    return bs.random_unit_vectors(n, dim, np.random.default_rng(seed))
+
+
+def test_run_reports_every_key_with_bytes_per_vector():
+    result = bs.run(n=2000, queries=20, single=5)
+    assert KEYS <= set(result) <= KEYS | OPTIONAL_KEYS
+    assert result["n"] == 2000
+    assert (result["float_bytes"], result["binary_bytes"], result["stage2_bytes"]) == (1536, 48, 36)
+    times = [v for k, v in result.items() if k.endswith(("_ms", "_s"))]
+    assert len(times) == 8 and all(t > 0 for t in times)
+
+
+def test_codes_are_the_quantisers_bits_packed():
+    x = unit_vectors(300, seed=1)
+    stage1, stage2 = bs.encode(QuantizationModuleStage1(384), x), bs.encode(QuantizationModuleStage2(384), x)
+    assert stage1.dtype == np.uint8 and stage1.shape == (300, 48) and stage2.shape == (300, 36)
+    np.testing.assert_array_equal(stage1, qm.pack_codes(x > 0))  # zero thresholds: sign bits
+
+
+def test_binary_index_hamming_equals_direct_popcount():
+    docs, queries = unit_vectors(500, seed=2), unit_vectors(8, seed=3)
+    d, q = qm.pack_codes(docs > 0), qm.pack_codes(queries > 0)
+    distances, ids = qm.build_binary_index(d).search(q, 10)
+    popcount = np.unpackbits(q[:, None, :] ^ d[None, :, :], axis=2).sum(axis=2, dtype=np.int64)
+    np.testing.assert_array_equal(distances, np.sort(popcount, axis=1)[:, :10])
+    np.testing.assert_array_equal(np.take_along_axis(popcount, ids, 1), distances)  # ids point at those codes
+
+
+def test_rescoring_every_document_equals_exact_float_search():
+    docs, queries = unit_vectors(500, seed=4), unit_vectors(8, seed=5)
+    flat = faiss.IndexFlatIP(384)
+    flat.add(docs)
+    exact_scores, exact_ids = flat.search(queries, 10)
+    stage1 = QuantizationModuleStage1(384)
+    index = qm.build_binary_index(bs.encode(stage1, docs))
+    scores, ids = qm.rescore_search(index, docs, queries, bs.encode(stage1, queries), k=len(docs), top=10)
+    np.testing.assert_array_equal(ids, exact_ids)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_embeddings_file_is_used_and_checked(tmp_path):
+    path = tmp_path / "emb.npy"
+    np.save(path, 3 * unit_vectors(100, seed=6))  # not unit length: the benchmark normalises rows
+    docs, queries = bs.load_data(100, 384, 7, seed=0, embeddings=path)
+    assert docs.dtype == np.float32 and docs.shape == (100, 384) and queries.shape == (7, 384)
+    np.testing.assert_allclose(np.linalg.norm(docs, axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1, rtol=1e-5)
+    assert bs.run(n=50, queries=5, single=2, embeddings=path)["n"] == 50
+    with pytest.raises(UsageError, match="more than the 100 rows"):
+        bs.load_data(101, 384, 7, seed=0, embeddings=path)
+    with pytest.raises(UsageError, match="shape"):
+        bs.load_data(100, 768, 7, seed=0, embeddings=path)
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, str(ROOT / "bench_search.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_command_line_ends_with_one_json_line():
+    proc = bench("--n", "2000", "--queries", "20", "--single", "5")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert KEYS <= set(result) and result["n"] == 2000
+    assert "| float32 IndexFlatIP" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["--n", "5"], ["--dim", "386", "--n", "100"], ["--rescore-k", "5", "--n", "100"],
+                                  ["--n", "100", "--embeddings", "no/such/file.npy"]])
+def test_bad_input_is_one_error_line(args):
+    proc = bench(*args)
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
