@@ -7,6 +7,7 @@ Read top to bottom: arguments -> base model -> the method table -> tasks -> eval
 
 import argparse
 import datetime
+import json
 import os
 import sys
 import tempfile
@@ -21,7 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mteb  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import scipy.stats  # noqa: E402
 import torch  # noqa: E402
+from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores  # noqa: E402
 from mteb.models.cache_wrappers import CachedEmbeddingWrapper  # noqa: E402
 from mteb.models.model_meta import ModelMeta, ScoringFunction  # noqa: E402
 from mteb.models.search_wrappers import SearchEncoderWrapper  # noqa: E402
@@ -29,10 +32,12 @@ from mteb.models.search_wrappers import SearchEncoderWrapper  # noqa: E402
 from quantization_modules import (  # noqa: E402
     CACHE_DIR,
     DEFAULT_MODEL,
+    PROTOCOLS,
     QuantizationModuleStage1,
     UsageError,
     build_binary_index,
     checkpoint_path,
+    find_task_folder,
     load_base_model,
     load_beir,
     load_quantizer,
@@ -47,8 +52,11 @@ CHECKPOINTS_DIR = "checkpoints"
 OUTPUT_DIR = "results"
 BATCH_SIZE = 32
 RESCORE_K = 50  # Hamming candidates re-ranked with float vectors in the +rescore rows
-METHODS = ["float", "stage1_zero", "stage1_trained", "stage2_trained"]
+METHODS = ["float", "stage1_zero", "stage1_trained", "stage2_trained"]  # in-domain runs add float_adapted after float
 MODES = {"hamming": "", "rescore": "+rescore", "asym": "+asym"}  # search mode -> suffix of the row name
+RESAMPLES = 10_000  # paired randomisation test and bootstrap interval over per-query nDCG@10
+ALPHA = 0.05
+SEED = 0
 
 
 class BinaryIndex:
@@ -119,13 +127,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help="SentenceTransformer name or path (default: packaged MiniLM)")
     p.add_argument("--checkpoints", type=Path, default=Path(CHECKPOINTS_DIR), help="reads <dir>/<model-slug>/stage{1,2}.safetensors")
     p.add_argument("--data-dir", type=Path, help="folder of BEIR task folders (scifact/, nfcorpus/); default: MTEB's hub loader")
-    p.add_argument("--output", type=Path, default=Path(OUTPUT_DIR))
+    p.add_argument("--protocol", default="transfer", choices=PROTOCOLS, help="which checkpoints: transfer, or in-domain (adds float_adapted)")
+    p.add_argument("--output", type=Path, help=f"default: {OUTPUT_DIR}/ (transfer), {OUTPUT_DIR}/in-domain/ (in-domain)")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="methods to evaluate (default: all)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES), help="search modes of the binary methods")
     p.add_argument("--rescore-k", type=int, default=RESCORE_K, help="Hamming candidates re-ranked by float (+rescore rows)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--cache-dir", type=Path, default=Path(CACHE_DIR), help="float embedding cache (one pass per text)")
     args = p.parse_args(argv)
+    args.output = args.output or Path(OUTPUT_DIR) / ("" if args.protocol == "transfer" else args.protocol)
     if args.rescore_k < 10:
         p.error(f"--rescore-k must be at least 10 (nDCG@10 needs ten documents), got {args.rescore_k}")
     return args
@@ -145,17 +155,14 @@ def get_retrieval_tasks(names: list[str], data_dir: Path | None) -> list:
             raise UsageError(f"{task.metadata.name} is a {task.metadata.type} task; only Retrieval tasks are supported")
         if data_dir is not None:
             load_local_task(task, data_dir)
+        else:  # loaded once here, so mteb keeps it across rows (and its qrels stay readable for significance)
+            task.load_data()
     return tasks
 
 
 def load_local_task(task, data_dir: Path) -> None:
     """Fill a task's data from `data_dir/<name>/` (matched case-insensitively); it keeps its MTEB name and evaluator."""
-    if not Path(data_dir).is_dir():
-        raise UsageError(f"data folder not found: {data_dir}")
-    folders = {p.name.lower(): p for p in Path(data_dir).iterdir() if p.is_dir()}
-    folder = folders.get(task.metadata.name.lower())
-    if folder is None:
-        raise UsageError(f"no folder for {task.metadata.name} in {data_dir} (have: {', '.join(sorted(folders)) or 'none'})")
+    folder = find_task_folder(data_dir, task.metadata.name)
     task.corpus, task.queries, task.relevant_docs = {}, {}, {}
     for split in task.eval_splits:
         task.corpus[split], task.queries[split], task.relevant_docs[split] = load_beir(folder, split)
@@ -177,20 +184,52 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def report(rows: pd.DataFrame, title: str) -> str:
-    """Markdown: nDCG@10 per task x method with a mean row, then per method: bits, bytes and retention vs float."""
+def per_query_ndcg(prediction_file: Path, task, split: str) -> pd.Series:
+    """nDCG@10 of every query, recomputed with mteb's metric from the rankings mteb saved for one row."""
+    predictions = json.loads(prediction_file.read_text())["default"][split]
+    qrels = task.dataset["default"][split]["relevant_docs"]
+    scores = calculate_retrieval_scores(predictions, qrels, [10]).all_scores
+    return pd.Series({qid: s["ndcg_cut_10"] for qid, s in scores.items()}).sort_index()
+
+
+def paired_test(a: np.ndarray, b: np.ndarray, seed: int = SEED) -> tuple[float, float, float, float]:
+    """Mean of a - b over queries, its 95% bootstrap interval, and a two-sided paired randomisation p-value."""
+    diff = a - b
+    if np.allclose(diff, 0):
+        return 0.0, 0.0, 0.0, 1.0
+    low, high = scipy.stats.bootstrap((diff,), np.mean, n_resamples=RESAMPLES, method="percentile", random_state=seed).confidence_interval
+    p = scipy.stats.permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), permutation_type="samples",
+                                     n_resamples=RESAMPLES, vectorized=True, random_state=seed).pvalue
+    return float(diff.mean()), float(low), float(high), float(p)
+
+
+def report(rows: pd.DataFrame, title: str, reference: str) -> str:
+    """Markdown: nDCG@10 per task x method with a mean row and significance marks, then per method: bits, bytes,
+    retention vs `reference`, and the paired differences against `reference` and stage1_zero."""
     order = list(dict.fromkeys(rows.method))
     wide = rows.pivot_table(index="method", columns=["metric", "task"], values="value").reindex(order)
     ndcg = wide["ndcg_at_10"].T
     ndcg.loc["mean"] = ndcg.mean()
-    lines = [f"## {title}", "", "nDCG@10", "", ndcg.to_markdown(floatfmt=".4f"), ""]
-    per_method = pd.DataFrame({"bits_per_vector": wide["bits_per_vector"].iloc[:, 0], "bytes_per_vector": wide["bytes_per_vector"].iloc[:, 0]})
+    cells = ndcg.map("{:.4f}".format)
+    for metric, mark in [(f"p_vs_{reference}", "*"), ("p_vs_stage1_zero", "†")]:
+        if metric in wide:
+            significant = (wide[metric].T < ALPHA).reindex(index=cells.index, columns=cells.columns, fill_value=False)
+            cells = cells.where(~significant, cells + mark)
+    lines = [f"## {title}", "", "nDCG@10. Marks: * differs from " + reference + ", † differs from stage1_zero (paired randomisation "
+             f"test over per-query nDCG@10, {RESAMPLES:,} resamples, p < {ALPHA})", "", cells.to_markdown(), ""]
+    per_method = pd.DataFrame({"bits": wide["bits_per_vector"].iloc[:, 0], "bytes": wide["bytes_per_vector"].iloc[:, 0]}).astype(int)
     if "retention" in wide:
         for task in wide["retention"].columns:
             per_method[f"{task} retention"] = wide["retention"][task].map("{:.1%}".format)
         per_method["mean retention"] = wide["retention"].mean(axis=1).map("{:.1%}".format)
-        lines += ["Cost and retention vs float (nDCG@10 of the method / nDCG@10 of float)", ""]
-    lines += [per_method.to_markdown(floatfmt=".0f"), ""]
+    for base in (reference, "stage1_zero"):
+        if f"delta_vs_{base}" in wide:
+            for task in wide[f"delta_vs_{base}"].columns:
+                per_method[f"{task} Δ vs {base} [95% CI] p"] = [
+                    f"{wide[f'delta_vs_{base}'][task][m]:+.4f} [{wide[f'delta_vs_{base}_ci_low'][task][m]:+.4f}, "
+                    f"{wide[f'delta_vs_{base}_ci_high'][task][m]:+.4f}] {wide[f'p_vs_{base}'][task][m]:.3f}" for m in order]
+    lines += [f"Cost, retention vs {reference} (nDCG@10 of the method / nDCG@10 of {reference}) and paired differences in nDCG@10",
+              "", per_method.to_markdown(), ""]
     return "\n".join(lines)
 
 
@@ -237,18 +276,25 @@ def main(argv=None) -> None:
         cached = CachedEmbeddingWrapper(float_encoder, args.cache_dir / model_slug(args.model))
 
         # the method table: name -> how to build its quantiser (None = float). A new quantiser is one more line.
+        metadata = {}
+
         def trained(stage):
-            return load_quantizer(checkpoint_path(args.checkpoints, args.model, stage), args.model, dim)[0]
+            quantizer, metadata[stage] = load_quantizer(checkpoint_path(args.checkpoints, args.model, stage, args.protocol), args.model, dim, args.protocol)
+            return quantizer
 
         method_table = {
             "float": lambda: None,
+            # in-domain: the float model through the same learned transform; thresholds alone learn none, so it is float
+            "float_adapted": lambda: None,
             "stage1_zero": lambda: QuantizationModuleStage1(dim).eval(),
             "stage1_trained": lambda: trained("stage1"),
             "stage2_trained": lambda: trained("stage2"),
         }
-        quantizers = {m: build() for m, build in method_table.items() if m in args.methods}
+        wanted = [m for m in method_table if m in args.methods or (m == "float_adapted" and args.protocol == "in-domain" and "float" in args.methods)]
+        quantizers = {m: method_table[m]() for m in wanted}
     except UsageError as e:
         sys.exit(f"error: {e}")
+    reference = "float_adapted" if "float_adapted" in quantizers else "float"
 
     # every row is the shared float encoder, searched either exactly (float) or through a binary index
     rows_to_run = {}  # row name -> (mteb model, bits per vector, bytes per vector)
@@ -260,36 +306,50 @@ def main(argv=None) -> None:
             index, row = BinaryIndex(quantizer, mode, args.rescore_k), method + MODES[mode]
             rows_to_run[row] = (IndexedSearch(cached, index, row), quantizer.bits_per_vector, index.bytes_per_vector(dim))
 
-    # evaluate every task x row through mteb; mteb's own JSON goes under <output>/mteb
-    records, timings = [], {}
+    # evaluate every task x row through mteb; mteb's own JSON goes under <output>/mteb, rankings to a temporary folder
+    records, timings, per_query = [], {}, {}
     result_cache = mteb.ResultCache(args.output / "mteb")
-    for row, (model, bits, nbytes) in rows_to_run.items():
-        start = time.time()
-        result = mteb.evaluate(model, tasks=tasks, cache=result_cache, overwrite_strategy="always",
-                               encode_kwargs={"batch_size": args.batch_size}, show_progress_bar=False)
-        timings[row] = time.time() - start
-        for task_result in result.task_results:
-            for split, scores in task_result.scores.items():
-                for name, value in scores[0].items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        records.append((task_result.task_name, split, row, name, float(value)))
-                records += [(task_result.task_name, split, row, "bits_per_vector", float(bits)),
-                            (task_result.task_name, split, row, "bytes_per_vector", float(nbytes))]
-        print(f"{row}: {timings[row]:.1f}s")
+    with tempfile.TemporaryDirectory() as predictions:
+        for row, (model, bits, nbytes) in rows_to_run.items():
+            start = time.time()
+            result = mteb.evaluate(model, tasks=tasks, cache=result_cache, overwrite_strategy="always", prediction_folder=Path(predictions) / row,
+                                   encode_kwargs={"batch_size": args.batch_size}, show_progress_bar=False)
+            timings[row] = time.time() - start
+            for task, task_result in zip(tasks, result.task_results):
+                for split, scores in task_result.scores.items():
+                    for name, value in scores[0].items():
+                        if isinstance(value, (int, float)) and not isinstance(value, bool):
+                            records.append((task_result.task_name, split, row, name, float(value)))
+                    records += [(task_result.task_name, split, row, "bits_per_vector", float(bits)),
+                                (task_result.task_name, split, row, "bytes_per_vector", float(nbytes))]
+                    per_query[task_result.task_name, split, row] = per_query_ndcg(
+                        Path(predictions) / row / task.prediction_file_name, task, split)
+            print(f"{row}: {timings[row]:.1f}s")
     rows = pd.DataFrame(records, columns=["task", "split", "method", "metric", "value"])
-    if "float" in rows_to_run:
-        ndcg = rows[rows.metric == "ndcg_at_10"]
-        float_ndcg = ndcg[ndcg.method == "float"].set_index("task").value
-        retention = ndcg.assign(metric="retention", value=ndcg.value / ndcg.task.map(float_ndcg))
-        rows = pd.concat([rows, retention], ignore_index=True)
+
+    # retention and paired significance against the reference (float, or float_adapted in-domain) and stage1_zero
+    ndcg = rows[rows.metric == "ndcg_at_10"].set_index(["task", "split", "method"]).value
+    extra = []
+    for (task, split, row), scores in per_query.items():
+        if reference in rows_to_run:
+            extra.append((task, split, row, "retention", ndcg[task, split, row] / ndcg[task, split, reference]))
+        for base in (reference, "stage1_zero"):
+            if base in rows_to_run:
+                delta, low, high, p = paired_test(scores.to_numpy(), per_query[task, split, base].to_numpy())
+                extra += [(task, split, row, f"delta_vs_{base}", delta), (task, split, row, f"delta_vs_{base}_ci_low", low),
+                          (task, split, row, f"delta_vs_{base}_ci_high", high), (task, split, row, f"p_vs_{base}", p)]
+    rows = pd.concat([rows, pd.DataFrame(extra, columns=rows.columns)], ignore_index=True)
+    rows.insert(0, "protocol", args.protocol)
 
     # report: markdown to stdout and results/, long-form CSV, and the quality-vs-bytes picture
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    title = f"{args.model} on {', '.join(t.metadata.name for t in tasks)} ({stamp})"
-    markdown = report(rows, title)
+    sources = sorted({s.split("/")[0] + "/" for meta in metadata.values() for s in json.loads(meta.get("training_sources", "{}"))})
+    trained_on = f"; trained on {', '.join(sources)}" if sources else ""
+    title = f"{args.model} on {', '.join(t.metadata.name for t in tasks)}, protocol {args.protocol}{trained_on} ({stamp})"
+    markdown = report(rows, title, reference)
     print("\n" + markdown)
     csv = rows.to_csv(index=False, float_format="%.6g")
-    picture = plot(rows, f"{args.model}: quality vs bytes")
+    picture = plot(rows, f"{args.model}, protocol {args.protocol}: quality vs bytes")
     for name in (f"{stamp}.csv", "latest.csv"):
         write_atomic(args.output / name, csv)
     for name in (f"{stamp}.md", "latest.md"):

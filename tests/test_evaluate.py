@@ -33,7 +33,8 @@ def test_four_methods_end_to_end(tmp_path, tiny_beir, checkpoints, capsys):
     run(tmp_path, "--tasks", "SciFact", "--data-dir", tiny_beir, "--checkpoints", checkpoints)
     out = capsys.readouterr().out
     rows = pd.read_csv(tmp_path / "results" / "latest.csv")
-    assert list(rows.columns) == ["task", "split", "method", "metric", "value"]
+    assert list(rows.columns) == ["protocol", "task", "split", "method", "metric", "value"]
+    assert set(rows.protocol) == {"transfer"}
     rows_run = ["float"] + [m + suffix for m in ev.METHODS[1:] for suffix in ("", "+rescore", "+asym")]
     assert list(rows.method.unique()) == rows_run
     assert set(rows.task) == {"SciFact"} and set(rows.split) == {"test"}
@@ -46,9 +47,17 @@ def test_four_methods_end_to_end(tmp_path, tiny_beir, checkpoints, capsys):
     assert nbytes == {"float": 1536, **{m + s: b for m, b in [("stage1_zero", 48), ("stage1_trained", 48), ("stage2_trained", 36)]
                                         for s in ("", "+asym")},
                       "stage1_zero+rescore": 1584, "stage1_trained+rescore": 1584, "stage2_trained+rescore": 1572}
+    # significance: per-query nDCG@10 recomputed from mteb's rankings averages to mteb's own number
+    metric = lambda name: rows[rows.metric == name].set_index("method").value  # noqa: E731
+    assert metric("delta_vs_float")["float"] == 0 and metric("p_vs_float")["float"] == 1
+    for row in rows_run:
+        assert metric("delta_vs_float")[row] == pytest.approx(ndcg[row] - ndcg["float"], abs=1e-4)
+        assert metric("delta_vs_stage1_zero")[row] == pytest.approx(ndcg[row] - ndcg["stage1_zero"], abs=1e-4)
+        assert metric("delta_vs_float_ci_low")[row] <= metric("delta_vs_float")[row] <= metric("delta_vs_float_ci_high")[row]
+        assert 0 <= metric("p_vs_stage1_zero")[row] <= 1
     retention = rows[rows.metric == "retention"].set_index("method").value
     assert retention["float"] == 1 and retention["stage1_zero"] == pytest.approx(ndcg["stage1_zero"] / ndcg["float"])
-    assert "| mean" in out and "retention" in out
+    assert "| mean" in out and "retention" in out and "Δ vs stage1_zero" in out and "protocol transfer" in out
     assert (tmp_path / "results" / "latest.md").read_text().startswith("## ")
     assert len(list((tmp_path / "results" / "mteb").rglob("SciFact.json"))) == 10
     assert (tmp_path / "results" / "quality_vs_bytes.png").read_bytes().startswith(b"\x89PNG")
@@ -130,6 +139,8 @@ def test_bad_checkpoints_and_data_are_refused(tmp_path, tiny_beir, checkpoints):
     other = qm.QuantizationModuleStage2(384)
     qm.save_quantizer(stage2, other, {"base_model": "someone/else"})
     refused("trained for model 'someone/else'")
+    qm.save_quantizer(stage2, other, {"base_model": qm.DEFAULT_MODEL, "protocol": "in-domain"})
+    refused("trained under protocol 'in-domain', not 'transfer'")
     torch.save({"thresholds": other.thresholds.data}, stage2)
     refused("pickled checkpoints are refused")
     qm.save_quantizer(stage2, other, {"base_model": qm.DEFAULT_MODEL})

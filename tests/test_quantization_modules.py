@@ -93,12 +93,73 @@ def test_load_beir_reads_and_rejects(tiny_beir):
         qm.load_beir(tiny_beir / "scifact", "test")
 
 
-def test_training_texts_are_balanced_and_exclude_evaluated_tasks(tiny_beir):
+def test_training_data_is_balanced_and_transfer_never_reads_evaluated_tasks(tiny_beir, monkeypatch):
     data = tiny_beir.parent / "train"
     (data / "pairs").mkdir(parents=True)
     (data / "pairs" / "big.jsonl").write_text("".join(f'{{"anchor": "a{i}", "positive": "p{i}"}}\n' for i in range(100)))
     (data / "beir-small").mkdir()
     (data / "beir-small" / "tiny").symlink_to(tiny_beir / "scifact")
-    sources = qm.load_training_texts(data, max_per_source=10)
-    assert {k: len(v) for k, v in sources.items()} == {"pairs/big": 10, "beir-small/tiny": 8}
-    assert sources == qm.load_training_texts(data, max_per_source=10)  # seeded
+    (data / "beir").mkdir()
+    (data / "beir" / "scifact").symlink_to(tiny_beir / "scifact")
+    (tiny_beir / "scifact" / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(1, 6)))
+    read = []
+    for name in ("_read_jsonl", "load_qrels"):
+        original = getattr(qm, name)
+        monkeypatch.setattr(qm, name, lambda path, *a, _f=original: read.append(str(path)) or _f(path, *a))
+
+    pairs, texts = qm.load_training_data(data, "transfer", ["SciFact"], max_per_source=10)
+    assert {k: len(v) for k, v in pairs.items()} == {"pairs/big": 10} and {k: len(v) for k, v in texts.items()} == {"beir-small/tiny": 8}
+    assert (pairs, texts) == qm.load_training_data(data, "transfer", ["SciFact"], max_per_source=10)  # seeded
+    assert read and not any("/beir/" in p for p in read)
+
+    read.clear()
+    pairs, _ = qm.load_training_data(data, "in-domain", ["SciFact"], max_per_source=10)
+    splits = qm.task_query_splits(data / "beir" / "scifact")
+    assert len(splits["validation"]) == 1 and len(splits["train"]) == 4  # 20% of the 5 train queries held out
+    assert len(pairs["in-domain/SciFact"]) == 4 and not any(p.endswith("test.tsv") for p in read if "/beir/" in p)
+
+
+@pytest.mark.parametrize("task, folder", [("NFCorpus", "nfcorpus"), ("SciFact", "scifact")])
+def test_training_and_validation_queries_never_meet_test_queries(task, folder):
+    from conftest import SHARED_BEIR
+
+    if not (SHARED_BEIR / folder).is_dir():
+        pytest.skip(f"{SHARED_BEIR / folder} is not here")
+    splits = qm.task_query_splits(SHARED_BEIR / folder)
+    test = set(qm.load_qrels(SHARED_BEIR / folder, "test"))
+    validation, train = set(splits["validation"]), set(splits["train"])
+    assert validation and train and not (validation & test) and not (train & test) and not (validation & train)
+    if folder == "scifact":  # no dev split: a seeded 20% of train, the same every time
+        assert len(validation) == round(0.2 * 809) and splits == qm.task_query_splits(SHARED_BEIR / folder)
+
+
+def test_info_nce_prefers_matched_pairs():
+    x = qm.to_signed(qm.QuantizationModuleStage1(384)(random_embeddings(64)))
+    matched = qm.info_nce_loss(x, x)
+    shuffled = qm.info_nce_loss(x, x[torch.randperm(64, generator=torch.Generator().manual_seed(0))])
+    assert matched < 0.1 < shuffled
+
+
+def test_straight_through_is_hard_forward_with_gradients():
+    quantizer = qm.QuantizationModuleStage1(384, temperature=10.0)
+    quantizer.straight_through = True
+    x = random_embeddings()
+    soft = quantizer(x)
+    assert torch.equal(soft, quantizer.quantize(x).float())
+    soft.sum().backward()
+    assert quantizer.thresholds.grad.abs().sum() > 0
+
+
+def test_training_with_pairs_and_each_activation_and_choice_on_validation():
+    x = random_embeddings(300)
+    pairs = (torch.arange(0, 300, 2), torch.arange(1, 300, 2), torch.arange(150) % 3)
+    for activation in qm.ACTIVATIONS:
+        quantizer = qm.QuantizationModuleStage1(384)
+        losses = qm.train_quantizer(quantizer, x, pairs, epochs=2, batch_size=64, activation=activation, contrastive_weight=1.0, verbose=False)
+        assert len(losses) == 2 and quantizer.thresholds.abs().sum() > 0 and not quantizer.straight_through
+        assert quantizer.temperature == (qm.ANNEAL[1] if activation == "anneal" else qm.TEMPERATURE)
+    validation = {"tiny": dict(query_emb=x[:20] + 0.01, doc_emb=x, query_ids=[f"q{i}" for i in range(20)],
+                               doc_ids=[f"d{i}" for i in range(300)], qrels={f"q{i}": {f"d{i}": 1} for i in range(20)})}
+    assert qm.retrieval_ndcg_at_10(None, **validation["tiny"]) == pytest.approx(1.0)
+    best, init, scores = qm.train_candidates(lambda: qm.QuantizationModuleStage1(384), x, validation, n_random=2, epochs=1)
+    assert set(scores) == {"zero", "median", "random0", "random1"} and scores[init]["mean"] == max(v["mean"] for v in scores.values())
