@@ -103,12 +103,21 @@ class BinaryIndex:
         self.index, self.float_docs = None, None
 
 
-class IndexedSearch(SearchEncoderWrapper):
-    """mteb's SearchEncoderWrapper with an index backend, named after its row."""
+class RowSearch(SearchEncoderWrapper):
+    """mteb's SearchEncoderWrapper for one row of the table: exact float search, or a BinaryIndex backend.
 
-    def __init__(self, encoder, index: BinaryIndex, row: str):
+    It keeps each task's rankings in memory for the per-query significance tests.
+    """
+
+    def __init__(self, encoder, row: str, index: BinaryIndex | None = None):
         super().__init__(encoder, index_backend=index)
         self.mteb_model_meta = encoder.mteb_model_meta.model_copy(update=dict(revision=row))
+        self.rankings = {}
+
+    def search(self, queries, *, task_metadata, hf_split, **kwargs):
+        results = super().search(queries, task_metadata=task_metadata, hf_split=hf_split, **kwargs)
+        self.rankings[task_metadata.name, hf_split] = results
+        return results
 
     def _sort_full_corpus_results(self, *, sub_corpus_ids, **kwargs):
         # mteb indexes a datasets Column once per hit here (minutes for 300 queries x 1,000 hits); a list is instant
@@ -184,11 +193,10 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def per_query_ndcg(prediction_file: Path, task, split: str) -> pd.Series:
-    """nDCG@10 of every query, recomputed with mteb's metric from the rankings mteb saved for one row."""
-    predictions = json.loads(prediction_file.read_text())["default"][split]
+def per_query_ndcg(rankings: dict, task, split: str) -> pd.Series:
+    """nDCG@10 of every query, recomputed with mteb's metric from the rankings one row produced."""
     qrels = task.dataset["default"][split]["relevant_docs"]
-    scores = calculate_retrieval_scores(predictions, qrels, [10]).all_scores
+    scores = calculate_retrieval_scores(rankings, qrels, [10]).all_scores
     return pd.Series({qid: s["ndcg_cut_10"] for qid, s in scores.items()}).sort_index()
 
 
@@ -300,31 +308,29 @@ def main(argv=None) -> None:
     rows_to_run = {}  # row name -> (mteb model, bits per vector, bytes per vector)
     for method, quantizer in quantizers.items():
         if quantizer is None:
-            rows_to_run[method] = (cached, 32 * dim, 4 * dim)
+            rows_to_run[method] = (RowSearch(cached, method), 32 * dim, 4 * dim)
             continue
         for mode in args.modes:
             index, row = BinaryIndex(quantizer, mode, args.rescore_k), method + MODES[mode]
-            rows_to_run[row] = (IndexedSearch(cached, index, row), quantizer.bits_per_vector, index.bytes_per_vector(dim))
+            rows_to_run[row] = (RowSearch(cached, row, index), quantizer.bits_per_vector, index.bytes_per_vector(dim))
 
-    # evaluate every task x row through mteb; mteb's own JSON goes under <output>/mteb, rankings to a temporary folder
+    # evaluate every task x row through mteb; mteb's own JSON goes under <output>/mteb
     records, timings, per_query = [], {}, {}
     result_cache = mteb.ResultCache(args.output / "mteb")
-    with tempfile.TemporaryDirectory() as predictions:
-        for row, (model, bits, nbytes) in rows_to_run.items():
-            start = time.time()
-            result = mteb.evaluate(model, tasks=tasks, cache=result_cache, overwrite_strategy="always", prediction_folder=Path(predictions) / row,
-                                   encode_kwargs={"batch_size": args.batch_size}, show_progress_bar=False)
-            timings[row] = time.time() - start
-            for task, task_result in zip(tasks, result.task_results):
-                for split, scores in task_result.scores.items():
-                    for name, value in scores[0].items():
-                        if isinstance(value, (int, float)) and not isinstance(value, bool):
-                            records.append((task_result.task_name, split, row, name, float(value)))
-                    records += [(task_result.task_name, split, row, "bits_per_vector", float(bits)),
-                                (task_result.task_name, split, row, "bytes_per_vector", float(nbytes))]
-                    per_query[task_result.task_name, split, row] = per_query_ndcg(
-                        Path(predictions) / row / task.prediction_file_name, task, split)
-            print(f"{row}: {timings[row]:.1f}s")
+    for row, (model, bits, nbytes) in rows_to_run.items():
+        start = time.time()
+        result = mteb.evaluate(model, tasks=tasks, cache=result_cache, overwrite_strategy="always",
+                               encode_kwargs={"batch_size": args.batch_size}, show_progress_bar=False)
+        timings[row] = time.time() - start
+        for task, task_result in zip(tasks, result.task_results):
+            for split, scores in task_result.scores.items():
+                for name, value in scores[0].items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        records.append((task_result.task_name, split, row, name, float(value)))
+                records += [(task_result.task_name, split, row, "bits_per_vector", float(bits)),
+                            (task_result.task_name, split, row, "bytes_per_vector", float(nbytes))]
+                per_query[task_result.task_name, split, row] = per_query_ndcg(model.rankings[task_result.task_name, split], task, split)
+        print(f"{row}: {timings[row]:.1f}s")
     rows = pd.DataFrame(records, columns=["task", "split", "method", "metric", "value"])
 
     # retention and paired significance against the reference (float, or float_adapted in-domain) and stage1_zero

@@ -94,7 +94,7 @@ def embed_texts(model, texts: list[str], cache_dir: Path, batch_size: int = 64) 
     cache.load()
     missing = list(dict.fromkeys(t for t in texts if cache.get_vector({"text": t}) is None))
     if missing:
-        print(f"encoding {len(missing):,} new texts ({len(texts) - len(missing):,} cached) into {cache_dir}")
+        print(f"encoding {len(missing):,} new texts ({len(set(texts)) - len(missing):,} cached) into {cache_dir}")
         vectors = model.encode(missing, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
         cache.add([{"text": t} for t in missing], vectors)
         cache.save()

@@ -65,13 +65,20 @@ def tiny_beir(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def scifact_slice(tmp_path_factory) -> Path:
+def shared_beir() -> Path:
+    """../shared/data/beir; a skip when it is absent, a failure when REQUIRE_SHARED_DATA is set (as in CI)."""
+    for task in ("nfcorpus", "scifact"):
+        if not (SHARED_BEIR / task).is_dir():
+            if os.environ.get("REQUIRE_SHARED_DATA"):
+                pytest.fail(f"{SHARED_BEIR / task} is missing and REQUIRE_SHARED_DATA is set")
+            pytest.skip(f"{SHARED_BEIR / task} is not here")
+    return SHARED_BEIR
+
+
+@pytest.fixture(scope="session")
+def scifact_slice(tmp_path_factory, shared_beir) -> Path:
     """The first 60 SciFact test queries, their relevant documents and 400 other documents, from ../shared."""
-    source = SHARED_BEIR / "scifact"
-    if not source.is_dir():
-        if os.environ.get("REQUIRE_SHARED_DATA"):
-            pytest.fail(f"{source} is missing and REQUIRE_SHARED_DATA is set")
-        pytest.skip(f"{source} is not here")
+    source = shared_beir / "scifact"
     corpus, queries, qrels = qm.load_beir(source, "test")
     qids = sorted(qrels, key=int)[:60]
     relevant = {d for q in qids for d in qrels[q]}

@@ -119,18 +119,14 @@ def test_training_data_is_balanced_and_transfer_never_reads_evaluated_tasks(tiny
     assert len(pairs["in-domain/SciFact"]) == 4 and not any(p.endswith("test.tsv") for p in read if "/beir/" in p)
 
 
-@pytest.mark.parametrize("task, folder", [("NFCorpus", "nfcorpus"), ("SciFact", "scifact")])
-def test_training_and_validation_queries_never_meet_test_queries(task, folder):
-    from conftest import SHARED_BEIR
-
-    if not (SHARED_BEIR / folder).is_dir():
-        pytest.skip(f"{SHARED_BEIR / folder} is not here")
-    splits = qm.task_query_splits(SHARED_BEIR / folder)
-    test = set(qm.load_qrels(SHARED_BEIR / folder, "test"))
+@pytest.mark.parametrize("folder", ["nfcorpus", "scifact"])
+def test_training_and_validation_queries_never_meet_test_queries(folder, shared_beir):
+    splits = qm.task_query_splits(shared_beir / folder)
+    test = set(qm.load_qrels(shared_beir / folder, "test"))
     validation, train = set(splits["validation"]), set(splits["train"])
     assert validation and train and not (validation & test) and not (train & test) and not (validation & train)
     if folder == "scifact":  # no dev split: a seeded 20% of train, the same every time
-        assert len(validation) == round(0.2 * 809) and splits == qm.task_query_splits(SHARED_BEIR / folder)
+        assert len(validation) == round(0.2 * 809) and splits == qm.task_query_splits(shared_beir / folder)
 
 
 def test_info_nce_prefers_matched_pairs():
