@@ -65,7 +65,8 @@ class BinaryIndex:
     It receives float embeddings from the shared encoder and quantises them itself. Modes:
       hamming: rank by Hamming distance (score = bits - 2 * distance, the dot product of ±1 codes);
       rescore: the Hamming top-k re-ranked by float query . float document (float documents are kept);
-      asym:    the query's soft ±1 code (no hard rounding) . the document's ±1 code (no float documents kept).
+      asym:    the query's float margins (x - thresholds; per pair, the larger) . the document's ±1 code (no float
+               documents kept).
     """
 
     def __init__(self, quantizer: QuantizationModuleStage1, mode: str = "hamming", rescore_k: int = RESCORE_K):
@@ -95,8 +96,8 @@ class BinaryIndex:
             scores, ids = rescore_search(self.index, self.float_docs, queries, self._codes(queries), k, min(k, top_k))
             return scores.tolist(), ids.tolist()
         codes = faiss_codes(self.index)[:, : self.quantizer.bits_per_vector]
-        soft_queries = to_signed(self.quantizer(torch.from_numpy(queries))).detach()
-        scores, ids = torch.topk(soft_queries @ to_signed(torch.from_numpy(codes)).T, top_k, dim=1)
+        float_queries = self.quantizer.margins(torch.from_numpy(queries))
+        scores, ids = torch.topk(float_queries @ to_signed(torch.from_numpy(codes)).T, top_k, dim=1)
         return scores.tolist(), ids.tolist()
 
     def clear(self) -> None:

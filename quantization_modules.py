@@ -249,7 +249,13 @@ class QuantizationModuleStage1(nn.Module):
     @torch.no_grad()
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Hard bits, a bool tensor of shape (n, bits_per_vector)."""
-        return self.combine((x > self.thresholds).float()) > 0.5
+        return self.margins(x) > 0
+
+    @torch.no_grad()
+    def margins(self, x: torch.Tensor) -> torch.Tensor:
+        """How far each output bit's condition is from flipping: bit = margin > 0. Stage 1: x - threshold.
+        Used as the float query in asymmetric search (for zero thresholds, the float query itself)."""
+        return x - self.thresholds
 
 
 class QuantizationModuleStage2(QuantizationModuleStage1):
@@ -271,6 +277,12 @@ class QuantizationModuleStage2(QuantizationModuleStage1):
     def combine(self, per_dim: torch.Tensor) -> torch.Tensor:
         a, b = per_dim[:, self.half :: 2], per_dim[:, self.half + 1 :: 2]
         return torch.cat([per_dim[:, : self.half], 1 - (1 - a) * (1 - b)], dim=1)
+
+    @torch.no_grad()
+    def margins(self, x: torch.Tensor) -> torch.Tensor:
+        """A pair's bit is 1 when either value is over its threshold, so its margin is the larger of the two."""
+        m = x - self.thresholds
+        return torch.cat([m[:, : self.half], torch.maximum(m[:, self.half :: 2], m[:, self.half + 1 :: 2])], dim=1)
 
 
 QUANTIZERS = {"stage1": QuantizationModuleStage1, "stage2": QuantizationModuleStage2}  # checkpoint "method" -> class

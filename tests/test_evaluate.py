@@ -107,7 +107,7 @@ def test_rescoring_everything_is_float_ranking_and_asym_keeps_no_floats(model):
     assert asym.float_docs is None and asym.bytes_per_vector(384) == 36 and rescore.bytes_per_vector(384) == 48 + 1536
     scores, ids = asym.search(queries, top_k=3)
     doc_codes = qm.to_signed(asym.quantizer.quantize(torch.from_numpy(docs)))
-    expected = qm.to_signed(asym.quantizer(torch.from_numpy(queries))).detach() @ doc_codes.T
+    expected = asym.quantizer.margins(torch.from_numpy(queries)) @ doc_codes.T
     assert np.allclose(scores, np.take_along_axis(expected.numpy(), np.array(ids), 1), atol=1e-5)
 
 

@@ -40,6 +40,7 @@ def test_stage2_truth_table():
         assert bits == [True, False, True, False, bool(want), True], (a, b)
         soft = quantizer(x)[0]
         assert torch.allclose(soft, torch.tensor(bits, dtype=torch.float32), atol=1e-3)
+        assert (quantizer.margins(x)[0] > 0).tolist() == bits  # the asymmetric query agrees with the bits
 
 
 def test_loss_is_zero_for_identical_inputs_and_positive_otherwise():
