@@ -86,20 +86,24 @@ def load_base_model(model_name: str):
         raise UsageError(f"cannot load model {model_name!r}: {str(e).splitlines()[0]}") from None
 
 
-def embed_texts(model, texts: list[str], cache_dir: Path, batch_size: int = 64) -> np.ndarray:
-    """Float embeddings of `texts`, encoding only those not already in mteb's NumpyCache at `cache_dir`."""
+def embed_texts(model, texts: list[str], cache_dir: Path, also: list[Path] = (), batch_size: int = 64) -> np.ndarray:
+    """Float embeddings of `texts`, encoding only those in none of mteb's NumpyCaches at `cache_dir` or `also`
+    (read-only, e.g. an evaluated task's document cache); new ones are added to `cache_dir`."""
     from mteb.models.cache_wrappers.cache_backends.numpy_cache import NumpyCache
 
-    cache = NumpyCache(cache_dir)
-    cache.load()
-    missing = list(dict.fromkeys(t for t in texts if cache.get_vector({"text": t}) is None))
+    caches = [NumpyCache(d) for d in [cache_dir, *[d for d in also if Path(d).is_dir()]]]
+    for cache in caches:
+        cache.load()
+    lookup = lambda t: next((v for c in caches if (v := c.get_vector({"text": t})) is not None), None)  # noqa: E731
+    missing = list(dict.fromkeys(t for t in texts if lookup(t) is None))
     if missing:
         print(f"encoding {len(missing):,} new texts ({len(set(texts)) - len(missing):,} cached) into {cache_dir}")
         vectors = model.encode(missing, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
-        cache.add([{"text": t} for t in missing], vectors)
-        cache.save()
-    out = np.stack([cache.get_vector({"text": t}) for t in texts]).astype(np.float32)
-    cache.close()
+        caches[0].add([{"text": t} for t in missing], vectors)
+        caches[0].save()
+    out = np.stack([lookup(t) for t in texts]).astype(np.float32)
+    for cache in caches:
+        cache.close()
     return out
 
 
@@ -525,7 +529,6 @@ def main(argv=None) -> None:
         pairs = tuple(torch.tensor(c) for c in zip(*[(row[a], row[b], i) for i, v in enumerate(pairs_by_source.values()) for a, b in v]))
         model = load_base_model(args.model)
         slug_dir = args.cache_dir / model_slug(args.model)
-        embeddings = embed_texts(model, texts, slug_dir / "_training")
 
         # validation: each evaluated task's validation queries against its whole corpus (cache shared with evaluation)
         validation, held_out = {}, {}
@@ -539,6 +542,9 @@ def main(argv=None) -> None:
                 doc_emb=embed_texts(model, [document_text(corpus[d]) for d in doc_ids], slug_dir / task / "document"),
                 query_ids=query_ids, doc_ids=doc_ids, qrels={q: qrels[q] for q in query_ids})
             held_out[task] = query_ids
+        # in-domain texts are the tasks' own queries and documents: read from the task caches, not encoded again
+        task_caches = [slug_dir / task / kind for task in args.tasks for kind in ("query", "document")]
+        embeddings = embed_texts(model, texts, slug_dir / "_training", also=task_caches)
         for name, quantizer in [("float", None), ("sign bits", QuantizationModuleStage1(embeddings.shape[1]))]:
             print(f"{name:10s} validation nDCG@10 " + "  ".join(f"{t} {retrieval_ndcg_at_10(quantizer, **v):.4f}" for t, v in validation.items()))
 

@@ -160,3 +160,10 @@ def test_training_with_pairs_and_each_activation_and_choice_on_validation():
     assert qm.retrieval_ndcg_at_10(None, **validation["tiny"]) == pytest.approx(1.0)
     best, init, scores = qm.train_candidates(lambda: qm.QuantizationModuleStage1(384), x, validation, n_random=2, epochs=1)
     assert set(scores) == {"zero", "median", "random0", "random1"} and scores[init]["mean"] == max(v["mean"] for v in scores.values())
+
+
+def test_embed_texts_reads_other_caches_instead_of_encoding_again(tmp_path, model):
+    texts = ["a first sentence", "a second sentence"]
+    first = qm.embed_texts(model, texts, tmp_path / "task_documents")
+    again = qm.embed_texts(None, texts[::-1], tmp_path / "training", also=[tmp_path / "task_documents"])  # no model needed
+    assert np.array_equal(again, first[::-1])
