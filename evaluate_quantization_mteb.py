@@ -52,7 +52,7 @@ CHECKPOINTS_DIR = "checkpoints"
 OUTPUT_DIR = "results"
 BATCH_SIZE = 32
 RESCORE_K = 50  # Hamming candidates re-ranked with float vectors in the +rescore rows
-METHODS = ["float", "stage1_zero", "stage1_trained", "stage2_trained"]  # in-domain runs add float_adapted after float
+METHODS = ["float", "stage1_zero", "stage1_trained", "stage1_rotated", "stage2_trained"]  # in-domain adds float_adapted
 MODES = {"hamming": "", "rescore": "+rescore", "asym": "+asym"}  # search mode -> suffix of the row name
 RESAMPLES = 10_000  # paired randomisation test and bootstrap interval over per-query nDCG@10
 ALPHA = 0.05
@@ -135,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
     p.add_argument("--tasks", nargs="+", required=True, help="MTEB retrieval task names, e.g. NFCorpus SciFact")
     p.add_argument("--model", default=DEFAULT_MODEL, help="SentenceTransformer name or path (default: packaged MiniLM)")
-    p.add_argument("--checkpoints", type=Path, default=Path(CHECKPOINTS_DIR), help="reads <dir>/<model-slug>/stage{1,2}.safetensors")
+    p.add_argument("--checkpoints", type=Path, default=Path(CHECKPOINTS_DIR), help="reads <dir>/<model-slug>/[in-domain/]<method>.safetensors")
     p.add_argument("--data-dir", type=Path, help="folder of BEIR task folders (scifact/, nfcorpus/); default: MTEB's hub loader")
     p.add_argument("--protocol", default="transfer", choices=PROTOCOLS, help="which checkpoints: transfer, or in-domain (adds float_adapted)")
     p.add_argument("--output", type=Path, help=f"default: {OUTPUT_DIR}/ (transfer), {OUTPUT_DIR}/in-domain/ (in-domain)")
@@ -293,10 +293,12 @@ def main(argv=None) -> None:
 
         method_table = {
             "float": lambda: None,
-            # in-domain: the float model through the same learned transform; thresholds alone learn none, so it is float
+            # in-domain: the float model through the same learned transform. Thresholds learn none and an orthogonal
+            # rotation leaves every cosine unchanged, so it is the float model (a non-orthogonal map would change it)
             "float_adapted": lambda: None,
             "stage1_zero": lambda: QuantizationModuleStage1(dim).eval(),
             "stage1_trained": lambda: trained("stage1"),
+            "stage1_rotated": lambda: trained("stage1_rotated"),
             "stage2_trained": lambda: trained("stage2"),
         }
         wanted = [m for m in method_table if m in args.methods or (m == "float_adapted" and args.protocol == "in-domain" and "float" in args.methods)]

@@ -38,6 +38,7 @@ CACHE_DIR = ".cache/embeddings"  # float embeddings, keyed by model and text; gi
 PROTOCOLS = ["transfer", "in-domain"]
 TASKS = ["NFCorpus", "SciFact"]  # evaluated tasks: their validation queries choose candidates (and in-domain trains)
 MAX_PER_SOURCE = 1000  # pairs per pair file, documents per beir-small corpus: one large source must not drown the rest
+IN_DOMAIN_PAIRS = 20_000  # in-domain: (train query, relevant document) pairs per evaluated task
 VALIDATION_FRACTION = 0.2  # of a task's train queries, when it has no dev split
 EPOCHS = 10
 BATCH_SIZE = 512
@@ -47,7 +48,9 @@ ACTIVATIONS = ["sigmoid", "ste", "anneal"]  # ste: hard bits forward, sigmoid gr
 ACTIVATION = "ste"  # best on validation (README, "What training can and cannot do")
 ANNEAL = (10.0, 300.0)  # temperature schedule of "anneal": geometric from soft to nearly hard over the epochs
 SIM_WEIGHT = 1.0  # similarity_preservation_loss
-CONTRASTIVE_WEIGHT = 0.0  # info_nce_loss on positive pairs; it lowered validation nDCG@10 in every trial (README)
+CONTRASTIVE_WEIGHT = 0.0  # info_nce_loss on positive pairs; for thresholds alone it lowered validation nDCG@10 (README)
+LOSS_WEIGHTS = {"stage1": (SIM_WEIGHT, CONTRASTIVE_WEIGHT), "stage2": (SIM_WEIGHT, CONTRASTIVE_WEIGHT),
+                "stage1_rotated": (1.0, 1.0)}  # per method (similarity, contrastive); --sim/--contrastive-weight override
 NCE_TEMPERATURE = 0.05
 RANDOM_INITS = 5  # random threshold initialisations, besides zero and the per-dimension median
 GRAD_CLIP = 1.0
@@ -190,14 +193,16 @@ def task_query_splits(folder: Path, seed: int = SEED) -> dict[str, dict[str, dic
 
 
 def load_training_data(data_dir: Path, protocol: str = "transfer", tasks: list[str] = TASKS,
-                       max_per_source: int = MAX_PER_SOURCE, seed: int = SEED) -> tuple[dict[str, list], dict[str, list]]:
-    """Training data by source, at most `max_per_source` items per source, seeded.
+                       max_per_source: int = MAX_PER_SOURCE, seed: int = SEED,
+                       in_domain_pairs: int = IN_DOMAIN_PAIRS) -> tuple[dict[str, list], dict[str, list]]:
+    """Training data by source, at most `max_per_source` items per source (`in_domain_pairs` per task), seeded.
 
     Returns (pairs, texts): positive (anchor, positive) pairs for the contrastive loss, and extra texts for the
     similarity loss (which also uses both sides of every pair).
     transfer: pairs from every `pairs/*.jsonl`, texts from every `beir-small/*` corpus. Nothing from `beir/`.
-    in-domain: also (query, relevant document) pairs from the train queries of each evaluated task in `beir/`,
-    never from its validation or test queries.
+    in-domain: the contrastive pairs are instead (query, relevant document) pairs from the train queries of each
+    evaluated task in `beir/`, never from its validation or test queries; the general pairs become texts (in the
+    balanced sampling they would outvote the in-domain pairs).
     """
     data_dir, rng = Path(data_dir), random.Random(seed)
     pairs: dict[str, list[tuple[str, str]]] = {}
@@ -214,8 +219,12 @@ def load_training_data(data_dir: Path, protocol: str = "transfer", tasks: list[s
             pairs[f"in-domain/{task}"] = [(queries[q], document_text(corpus[d])) for q, docs in train.items() for d, s in docs.items() if s > 0]
     if not any(pairs.values()):
         raise UsageError(f"no training pairs under {data_dir} (expected pairs/*.jsonl)")
-    sample = lambda items: rng.sample(items, min(len(items), max_per_source))  # noqa: E731
-    return {k: sample(v) for k, v in pairs.items() if v}, {k: sample(v) for k, v in texts.items() if v}
+    sample = lambda items, n=max_per_source: rng.sample(items, min(len(items), n))  # noqa: E731
+    pairs = {k: sample(v, in_domain_pairs if k.startswith("in-domain/") else max_per_source) for k, v in pairs.items() if v}
+    texts = {k: sample(v) for k, v in texts.items() if v}
+    if protocol == "in-domain":
+        texts |= {k: [t for pair in pairs.pop(k) for t in pair] for k in [k for k in pairs if k.startswith("pairs/")]}
+    return pairs, texts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,12 +236,18 @@ class QuantizationModuleStage1(nn.Module):
 
     method = "stage1"
 
-    def __init__(self, embedding_dim: int, temperature: float = TEMPERATURE):
+    def __init__(self, embedding_dim: int, temperature: float = TEMPERATURE, rotate: bool = False):
+        """`rotate`: learn an orthogonal rotation before the thresholds too (method "stage1_rotated")."""
         super().__init__()
         self.embedding_dim = embedding_dim
         self.temperature = temperature
         self.straight_through = False  # set by training with activation "ste"
         self.thresholds = nn.Parameter(torch.zeros(embedding_dim))
+        # optional orthogonal rotation before the thresholds (starts as the identity): still one bit per dimension,
+        # and it leaves every float cosine unchanged, so the float model through it is the float model
+        self.register_parameter("rotation", nn.Parameter(torch.eye(embedding_dim)) if rotate else None)
+        if rotate:
+            self.method = "stage1_rotated"
 
     @property
     def bits_per_vector(self) -> int:
@@ -242,9 +257,25 @@ class QuantizationModuleStage1(nn.Module):
         """Map per-dimension bits (or their soft versions) to output bits. Stage 1: one bit per dimension."""
         return per_dim
 
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.rotation is None else x @ self.rotation.T
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """After an optimiser step, pull the rotation back to the nearest orthogonal matrix (Newton-Schulz steps,
+        two matrix products each; the drift of one step needs two or three)."""
+        if self.rotation is not None:
+            r = self.rotation
+            for _ in range(10):
+                error = r @ r.T - torch.eye(len(r))
+                if error.abs().max() < 1e-6:
+                    break
+                r = r - 0.5 * error @ r
+            self.rotation.copy_(r)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Soft codes in [0, 1], differentiable in the thresholds; hard bits forward if straight_through."""
-        z = self.temperature * (x - self.thresholds)
+        z = self.temperature * (self.rotate(x) - self.thresholds)
         soft = torch.sigmoid(z)
         if self.straight_through:
             soft = soft + ((z > 0).float() - soft).detach()
@@ -259,7 +290,7 @@ class QuantizationModuleStage1(nn.Module):
     def margins(self, x: torch.Tensor) -> torch.Tensor:
         """How far each output bit's condition is from flipping: bit = margin > 0. Stage 1: x - threshold.
         Used as the float query in asymmetric search (for zero thresholds, the float query itself)."""
-        return x - self.thresholds
+        return self.rotate(x) - self.thresholds
 
 
 class QuantizationModuleStage2(QuantizationModuleStage1):
@@ -285,11 +316,13 @@ class QuantizationModuleStage2(QuantizationModuleStage1):
     @torch.no_grad()
     def margins(self, x: torch.Tensor) -> torch.Tensor:
         """A pair's bit is 1 when either value is over its threshold, so its margin is the larger of the two."""
-        m = x - self.thresholds
+        m = self.rotate(x) - self.thresholds
         return torch.cat([m[:, : self.half], torch.maximum(m[:, self.half :: 2], m[:, self.half + 1 :: 2])], dim=1)
 
 
-QUANTIZERS = {"stage1": QuantizationModuleStage1, "stage2": QuantizationModuleStage2}  # checkpoint "method" -> class
+# checkpoint "method" -> how to build it (embedding_dim, temperature)
+QUANTIZERS = {"stage1": QuantizationModuleStage1, "stage2": QuantizationModuleStage2,
+              "stage1_rotated": lambda dim, temperature=TEMPERATURE: QuantizationModuleStage1(dim, temperature, rotate=True)}
 
 
 def to_signed(codes: torch.Tensor) -> torch.Tensor:
@@ -373,7 +406,9 @@ def train_quantizer(
         total = 0.0
         for start in range(0, len(x), batch_size):
             batch = x[order[start : start + batch_size]]
-            loss = sim_weight * similarity_preservation_loss(batch, to_signed(quantizer(batch)))
+            loss = torch.zeros(())
+            if sim_weight:
+                loss = loss + sim_weight * similarity_preservation_loss(batch, to_signed(quantizer(batch)))
             if pairs is not None and contrastive_weight:
                 pick = torch.multinomial(pair_weights, min(batch_size, len(anchors)), replacement=False, generator=generator)
                 loss = loss + contrastive_weight * info_nce_loss(to_signed(quantizer(x[anchors[pick]])), to_signed(quantizer(x[positives[pick]])))
@@ -381,6 +416,7 @@ def train_quantizer(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(quantizer.parameters(), GRAD_CLIP)
             optimizer.step()
+            quantizer.project()
             total += loss.item() * len(batch)
         losses.append(total / len(x))
         bar.set_postfix(loss=f"{losses[-1]:.5f}")
@@ -464,7 +500,8 @@ def save_quantizer(path: Path, quantizer: QuantizationModuleStage1, metadata: di
     meta = {"method": quantizer.method, "dimension": str(quantizer.embedding_dim), "temperature": str(quantizer.temperature)}
     meta |= {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     tmp = path.with_suffix(".tmp")
-    save_file({"thresholds": quantizer.thresholds.detach().contiguous()}, str(tmp), metadata=meta)
+    tensors = {name: p.detach().contiguous() for name, p in quantizer.named_parameters()}  # thresholds [, rotation]
+    save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
 
 
@@ -491,8 +528,10 @@ def load_quantizer(path: Path, model_name: str, embedding_dim: int, protocol: st
     if protocol is not None and meta.get("protocol", "transfer") != protocol:
         raise UsageError(f"{path} was trained under protocol {meta.get('protocol')!r}, not {protocol!r}")
     quantizer = QUANTIZERS[meta["method"]](embedding_dim, float(meta.get("temperature", TEMPERATURE)))
-    with torch.no_grad():
-        quantizer.thresholds.copy_(tensors["thresholds"])
+    try:
+        quantizer.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise UsageError(f"{path} does not hold the tensors of a {meta['method']} quantiser ({str(e).splitlines()[0]})") from None
     return quantizer.eval(), meta
 
 
@@ -510,9 +549,10 @@ def main(argv=None) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--cache-dir", type=Path, default=Path(CACHE_DIR))
     p.add_argument("--max-per-source", type=int, default=MAX_PER_SOURCE)
+    p.add_argument("--in-domain-pairs", type=int, default=IN_DOMAIN_PAIRS, help="in-domain pairs per evaluated task")
     p.add_argument("--activation", default=ACTIVATION, choices=ACTIVATIONS)
-    p.add_argument("--sim-weight", type=float, default=SIM_WEIGHT)
-    p.add_argument("--contrastive-weight", type=float, default=CONTRASTIVE_WEIGHT)
+    p.add_argument("--sim-weight", type=float, help=f"default per method: {LOSS_WEIGHTS}")
+    p.add_argument("--contrastive-weight", type=float, help="default per method, as --sim-weight")
     p.add_argument("--random-inits", type=int, default=RANDOM_INITS)
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
@@ -521,7 +561,10 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=SEED)
     args = p.parse_args(argv)
     try:
-        pairs_by_source, texts_by_source = load_training_data(args.data_dir, args.protocol, args.tasks, args.max_per_source, args.seed)
+        if args.sim_weight == 0 and args.contrastive_weight == 0:
+            raise UsageError("--sim-weight and --contrastive-weight are both 0: nothing to train")
+        pairs_by_source, texts_by_source = load_training_data(args.data_dir, args.protocol, args.tasks, args.max_per_source,
+                                                              args.seed, args.in_domain_pairs)
         print("training pairs: " + ", ".join(f"{k} {len(v):,}" for k, v in pairs_by_source.items()))
         print("extra training texts: " + ", ".join(f"{k} {len(v):,}" for k, v in texts_by_source.items()))
         texts = list(dict.fromkeys([t for v in pairs_by_source.values() for pair in v for t in pair] + [t for v in texts_by_source.values() for t in v]))
@@ -548,17 +591,20 @@ def main(argv=None) -> None:
         for name, quantizer in [("float", None), ("sign bits", QuantizationModuleStage1(embeddings.shape[1]))]:
             print(f"{name:10s} validation nDCG@10 " + "  ".join(f"{t} {retrieval_ndcg_at_10(quantizer, **v):.4f}" for t, v in validation.items()))
 
-        train_kwargs = dict(pairs=pairs, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, activation=args.activation,
-                            sim_weight=args.sim_weight, contrastive_weight=args.contrastive_weight)
+        train_kwargs = dict(pairs=pairs, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, activation=args.activation)
         start_all = time.time()
         for method in args.methods:
             start = time.time()
+            sim_weight = LOSS_WEIGHTS[method][0] if args.sim_weight is None else args.sim_weight
+            contrastive_weight = LOSS_WEIGHTS[method][1] if args.contrastive_weight is None else args.contrastive_weight
+            print(f"{method}: loss {sim_weight} * similarity_preservation + {contrastive_weight} * info_nce")
             quantizer, init, scores = train_candidates(lambda: QUANTIZERS[method](embeddings.shape[1], args.temperature), embeddings,
-                                                       validation, args.random_inits, args.seed, **train_kwargs)
+                                                       validation, args.random_inits, args.seed, sim_weight=sim_weight,
+                                                       contrastive_weight=contrastive_weight, **train_kwargs)
             path = checkpoint_path(args.out, args.model, method, args.protocol)
             save_quantizer(path, quantizer, {
                 "base_model": args.model, "protocol": args.protocol, "name": method, "initialisation": init,
-                "loss": f"{args.sim_weight} * similarity_preservation + {args.contrastive_weight} * info_nce(t={NCE_TEMPERATURE})",
+                "loss": f"{sim_weight} * similarity_preservation + {contrastive_weight} * info_nce(t={NCE_TEMPERATURE})",
                 "activation": args.activation, "epochs": str(args.epochs), "lr": str(args.lr), "batch_size": str(args.batch_size),
                 "seed": str(args.seed), "training_sources": {k: len(v) for k, v in pairs_by_source.items()} | {k: len(v) for k, v in texts_by_source.items()},
                 "validation_ndcg_at_10": scores, "validation_query_ids": held_out,

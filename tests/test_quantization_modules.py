@@ -114,10 +114,11 @@ def test_training_data_is_balanced_and_transfer_never_reads_evaluated_tasks(tiny
     assert read and not any("/beir/" in p for p in read)
 
     read.clear()
-    pairs, _ = qm.load_training_data(data, "in-domain", ["SciFact"], max_per_source=10)
+    pairs, texts = qm.load_training_data(data, "in-domain", ["SciFact"], max_per_source=10)
     splits = qm.task_query_splits(data / "beir" / "scifact")
     assert len(splits["validation"]) == 1 and len(splits["train"]) == 4  # 20% of the 5 train queries held out
     assert len(pairs["in-domain/SciFact"]) == 4 and not any(p.endswith("test.tsv") for p in read if "/beir/" in p)
+    assert list(pairs) == ["in-domain/SciFact"] and len(texts["pairs/big"]) == 20  # general pairs only as texts
 
 
 @pytest.mark.parametrize("folder", ["nfcorpus", "scifact"])
@@ -167,3 +168,22 @@ def test_embed_texts_reads_other_caches_instead_of_encoding_again(tmp_path, mode
     first = qm.embed_texts(model, texts, tmp_path / "task_documents")
     again = qm.embed_texts(None, texts[::-1], tmp_path / "training", also=[tmp_path / "task_documents"])  # no model needed
     assert np.array_equal(again, first[::-1])
+
+
+def test_rotation_stays_orthogonal_keeps_cosines_and_round_trips(tmp_path):
+    x = random_embeddings(300)
+    pairs = (torch.arange(0, 300, 2), torch.arange(1, 300, 2), torch.arange(150) % 3)
+    quantizer = qm.QUANTIZERS["stage1_rotated"](384)
+    assert quantizer.method == "stage1_rotated" and torch.equal(quantizer.quantize(x), x > 0)  # starts as sign bits
+    qm.train_quantizer(quantizer, x, pairs, epochs=3, batch_size=64, lr=1e-2, contrastive_weight=1.0, verbose=False)
+    r = quantizer.rotation.detach()
+    assert (r - torch.eye(384)).abs().max() > 1e-3  # it learned something
+    assert torch.allclose(r @ r.T, torch.eye(384), atol=1e-4)  # and is still a rotation: float cosines are unchanged
+    assert torch.allclose((x @ r.T) @ (x @ r.T).T, x @ x.T, atol=1e-4)
+    assert torch.equal(quantizer.quantize(x), x @ r.T - quantizer.thresholds > 0)
+    path = qm.checkpoint_path(tmp_path, qm.DEFAULT_MODEL, "stage1_rotated")
+    qm.save_quantizer(path, quantizer, {"base_model": qm.DEFAULT_MODEL})
+    loaded, meta = qm.load_quantizer(path, qm.DEFAULT_MODEL, 384)
+    assert meta["method"] == "stage1_rotated" and torch.equal(loaded.rotation, quantizer.rotation)
+    assert torch.equal(loaded.quantize(x), quantizer.quantize(x)) and torch.equal(loaded.margins(x), quantizer.margins(x))
+    assert qm.QuantizationModuleStage1(384).rotation is None  # plain thresholds keep no rotation
