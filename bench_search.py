@@ -83,17 +83,23 @@ def encode(quantizer, x: np.ndarray) -> np.ndarray:
                            for s in range(0, len(x), CHUNK)])
 
 
-def time_search(search, single: int, queries: int) -> tuple[float, float]:
-    """p50 ms over `single` one-query calls (after one warm-up call), and seconds for one call with `queries` queries."""
-    search(slice(0, 1))
-    times = []
-    for i in range(single):
-        start = time.perf_counter()
-        search(slice(i, i + 1))
-        times.append(time.perf_counter() - start)
+def seconds(search, rows: slice) -> float:
     start = time.perf_counter()
-    search(slice(0, queries))
-    return 1000 * float(np.median(times)), time.perf_counter() - start
+    search(rows)
+    return time.perf_counter() - start
+
+
+def time_searches(searches: list, single: int, queries: int) -> list[tuple[float, float]]:
+    """Per search: p50 ms over `single` one-query calls, and seconds for one call with `queries` queries.
+
+    The one-query calls take turns (query i on every method, then query i + 1), after one warm-up call each, so a
+    slow spell of this shared machine, or the after-effects of the method timed before, falls on all methods alike.
+    """
+    for search in searches:
+        search(slice(0, 1))
+    times = [[seconds(search, slice(i, i + 1)) for search in searches] for i in range(single)]
+    p50 = 1000 * np.median(np.array(times), axis=0)
+    return [(float(ms), seconds(search, slice(0, queries))) for ms, search in zip(p50, searches)]
 
 
 def run(n, dim=DIM, queries=QUERIES, single=SINGLE, rescore_k=RESCORE_K, seed=SEED, embeddings=None) -> dict:
@@ -121,8 +127,8 @@ def run(n, dim=DIM, queries=QUERIES, single=SINGLE, rescore_k=RESCORE_K, seed=SE
          lambda r: rescore_search(index1, docs, q[r], q1[r], rescore_k, TOP), binary_bytes + docs.nbytes),
     ]
     result, rows = {"n": n}, []
-    for key, name, search, nbytes in methods:
-        single_ms, batch_s = time_search(search, single, queries)
+    timings = time_searches([search for _, _, search, _ in methods], single, queries)
+    for (key, name, _, nbytes), (single_ms, batch_s) in zip(methods, timings):
         result |= {f"{key}_single_ms": single_ms, f"{key}_batch_s": batch_s}
         if key != "rescore":  # rescoring holds the binary index and the float store; its sum is in the table
             result[f"{key}_bytes"] = nbytes // n

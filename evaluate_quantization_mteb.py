@@ -207,7 +207,8 @@ def paired_test(a: np.ndarray, b: np.ndarray, seed: int = SEED) -> tuple[float, 
     if np.allclose(diff, 0):
         return 0.0, 0.0, 0.0, 1.0
     low, high = scipy.stats.bootstrap((diff,), np.mean, n_resamples=RESAMPLES, method="percentile", random_state=seed).confidence_interval
-    p = scipy.stats.permutation_test((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), permutation_type="samples",
+    # one sample with permutation_type "samples": scipy flips the sign of each query's difference (swaps the pair)
+    p = scipy.stats.permutation_test((diff,), lambda d, axis: np.mean(d, axis=axis), permutation_type="samples",
                                      n_resamples=RESAMPLES, vectorized=True, random_state=seed).pvalue
     return float(diff.mean()), float(low), float(high), float(p)
 

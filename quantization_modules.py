@@ -561,8 +561,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=SEED)
     args = p.parse_args(argv)
     try:
-        if args.sim_weight == 0 and args.contrastive_weight == 0:
-            raise UsageError("--sim-weight and --contrastive-weight are both 0: nothing to train")
+        weights = {m: (LOSS_WEIGHTS[m][0] if args.sim_weight is None else args.sim_weight,
+                       LOSS_WEIGHTS[m][1] if args.contrastive_weight is None else args.contrastive_weight) for m in args.methods}
+        for method, (sim_weight, contrastive_weight) in weights.items():
+            if sim_weight <= 0 and contrastive_weight <= 0 or min(sim_weight, contrastive_weight) < 0:
+                raise UsageError(f"{method}: loss weights must be >= 0 and not both 0, got similarity {sim_weight}, contrastive {contrastive_weight}")
         pairs_by_source, texts_by_source = load_training_data(args.data_dir, args.protocol, args.tasks, args.max_per_source,
                                                               args.seed, args.in_domain_pairs)
         print("training pairs: " + ", ".join(f"{k} {len(v):,}" for k, v in pairs_by_source.items()))
@@ -595,8 +598,7 @@ def main(argv=None) -> None:
         start_all = time.time()
         for method in args.methods:
             start = time.time()
-            sim_weight = LOSS_WEIGHTS[method][0] if args.sim_weight is None else args.sim_weight
-            contrastive_weight = LOSS_WEIGHTS[method][1] if args.contrastive_weight is None else args.contrastive_weight
+            sim_weight, contrastive_weight = weights[method]
             print(f"{method}: loss {sim_weight} * similarity_preservation + {contrastive_weight} * info_nce")
             quantizer, init, scores = train_candidates(lambda: QUANTIZERS[method](embeddings.shape[1], args.temperature), embeddings,
                                                        validation, args.random_inits, args.seed, sim_weight=sim_weight,

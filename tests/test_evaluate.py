@@ -161,3 +161,15 @@ def test_command_line_error_is_one_line_without_traceback():
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "NFCorpus" in result.stderr
+
+
+def test_paired_test_is_the_exact_sign_flip_test_on_small_samples():
+    import itertools
+    rng = np.random.default_rng(0)
+    a, b = rng.random(10), rng.random(10)
+    diff = a - b
+    flips = np.array(list(itertools.product([1, -1], repeat=10)))  # 1,024 < 10,000 resamples: scipy enumerates them all
+    exact = np.mean(np.abs((flips * diff).mean(axis=1)) >= abs(diff.mean()) - 1e-12)
+    delta, low, high, p = ev.paired_test(a, b)
+    assert delta == pytest.approx(diff.mean()) and low <= delta <= high and p == pytest.approx(exact)
+    assert ev.paired_test(a, a) == (0.0, 0.0, 0.0, 1.0)

@@ -187,3 +187,16 @@ def test_rotation_stays_orthogonal_keeps_cosines_and_round_trips(tmp_path):
     assert meta["method"] == "stage1_rotated" and torch.equal(loaded.rotation, quantizer.rotation)
     assert torch.equal(loaded.quantize(x), quantizer.quantize(x)) and torch.equal(loaded.margins(x), quantizer.margins(x))
     assert qm.QuantizationModuleStage1(384).rotation is None  # plain thresholds keep no rotation
+
+
+def test_checkpoint_without_its_rotation_and_training_that_trains_nothing_are_refused(tmp_path, capsys):
+    path = tmp_path / "rotated.safetensors"
+    qm.save_quantizer(path, qm.QuantizationModuleStage1(384), {"base_model": "org/model"})
+    meta = qm.safe_open(str(path), framework="pt").metadata()
+    qm.save_file({"thresholds": torch.zeros(384)}, str(path), metadata=meta | {"method": "stage1_rotated"})
+    with pytest.raises(qm.UsageError, match="does not hold the tensors of a stage1_rotated quantiser"):
+        qm.load_quantizer(path, "org/model", 384)
+    for args in (["--sim-weight", "0", "--methods", "stage1"], ["--contrastive-weight", "-1", "--methods", "stage1_rotated"]):
+        with pytest.raises(SystemExit) as exit_info:
+            qm.main(["--data-dir", str(tmp_path), *args])
+        assert str(exit_info.value).startswith("error: ") and "loss weights must be >= 0 and not both 0" in str(exit_info.value)
