@@ -236,18 +236,12 @@ class QuantizationModuleStage1(nn.Module):
 
     method = "stage1"
 
-    def __init__(self, embedding_dim: int, temperature: float = TEMPERATURE, rotate: bool = False):
-        """`rotate`: learn an orthogonal rotation before the thresholds too (method "stage1_rotated")."""
+    def __init__(self, embedding_dim: int, temperature: float = TEMPERATURE):
         super().__init__()
         self.embedding_dim = embedding_dim
         self.temperature = temperature
         self.straight_through = False  # set by training with activation "ste"
         self.thresholds = nn.Parameter(torch.zeros(embedding_dim))
-        # optional orthogonal rotation before the thresholds (starts as the identity): still one bit per dimension,
-        # and it leaves every float cosine unchanged, so the float model through it is the float model
-        self.register_parameter("rotation", nn.Parameter(torch.eye(embedding_dim)) if rotate else None)
-        if rotate:
-            self.method = "stage1_rotated"
 
     @property
     def bits_per_vector(self) -> int:
@@ -258,20 +252,11 @@ class QuantizationModuleStage1(nn.Module):
         return per_dim
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.rotation is None else x @ self.rotation.T
+        """The values the thresholds compare: the embedding itself (a rotation of it in the rotated quantiser)."""
+        return x
 
-    @torch.no_grad()
     def project(self) -> None:
-        """After an optimiser step, pull the rotation back to the nearest orthogonal matrix (Newton-Schulz steps,
-        two matrix products each; the drift of one step needs two or three)."""
-        if self.rotation is not None:
-            r = self.rotation
-            for _ in range(10):
-                error = r @ r.T - torch.eye(len(r))
-                if error.abs().max() < 1e-6:
-                    break
-                r = r - 0.5 * error @ r
-            self.rotation.copy_(r)
+        """Called after every optimiser step, to restore a constraint on the parameters. Thresholds have none."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Soft codes in [0, 1], differentiable in the thresholds; hard bits forward if straight_through."""
@@ -320,9 +305,33 @@ class QuantizationModuleStage2(QuantizationModuleStage1):
         return torch.cat([m[:, : self.half], torch.maximum(m[:, self.half :: 2], m[:, self.half + 1 :: 2])], dim=1)
 
 
-# checkpoint "method" -> how to build it (embedding_dim, temperature)
-QUANTIZERS = {"stage1": QuantizationModuleStage1, "stage2": QuantizationModuleStage2,
-              "stage1_rotated": lambda dim, temperature=TEMPERATURE: QuantizationModuleStage1(dim, temperature, rotate=True)}
+class QuantizationModuleStage1Rotated(QuantizationModuleStage1):
+    """Stage 1 after a learned orthogonal rotation: bit = (R x)_d > t_d. Still one bit per dimension; R starts as the
+    identity (sign bits) and leaves every float cosine unchanged, so the float model through it is the float model."""
+
+    method = "stage1_rotated"
+
+    def __init__(self, embedding_dim: int, temperature: float = TEMPERATURE):
+        super().__init__(embedding_dim, temperature)
+        self.rotation = nn.Parameter(torch.eye(embedding_dim))
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.rotation.T
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Pull the rotation back to the nearest orthogonal matrix (Newton-Schulz steps, two matrix products each;
+        the drift of one optimiser step needs two or three)."""
+        r = self.rotation
+        for _ in range(10):
+            error = r @ r.T - torch.eye(len(r))
+            if error.abs().max() < 1e-6:
+                break
+            r = r - 0.5 * error @ r
+        self.rotation.copy_(r)
+
+
+QUANTIZERS = {q.method: q for q in (QuantizationModuleStage1, QuantizationModuleStage2, QuantizationModuleStage1Rotated)}
 
 
 def to_signed(codes: torch.Tensor) -> torch.Tensor:

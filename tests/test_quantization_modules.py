@@ -186,7 +186,7 @@ def test_rotation_stays_orthogonal_keeps_cosines_and_round_trips(tmp_path):
     loaded, meta = qm.load_quantizer(path, qm.DEFAULT_MODEL, 384)
     assert meta["method"] == "stage1_rotated" and torch.equal(loaded.rotation, quantizer.rotation)
     assert torch.equal(loaded.quantize(x), quantizer.quantize(x)) and torch.equal(loaded.margins(x), quantizer.margins(x))
-    assert qm.QuantizationModuleStage1(384).rotation is None  # plain thresholds keep no rotation
+    assert list(qm.QuantizationModuleStage1(384).state_dict()) == ["thresholds"]  # plain thresholds keep no rotation
 
 
 def test_checkpoint_without_its_rotation_and_training_that_trains_nothing_are_refused(tmp_path, capsys):
