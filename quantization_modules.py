@@ -493,7 +493,7 @@ def train_candidates(build, embeddings, validation: dict, n_random: int = RANDOM
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# checkpoints: safetensors with the thresholds, plus metadata saying what made them
+# checkpoints: safetensors with the learned parameters, plus metadata saying what made them
 
 
 def checkpoint_path(checkpoints_dir: Path, model_name: str, method: str, protocol: str = "transfer") -> Path:
@@ -503,7 +503,8 @@ def checkpoint_path(checkpoints_dir: Path, model_name: str, method: str, protoco
 
 
 def save_quantizer(path: Path, quantizer: QuantizationModuleStage1, metadata: dict) -> None:
-    """Write the thresholds with metadata (values as strings; dicts and lists as JSON), atomically."""
+    """Write the parameters (thresholds, and a rotation if learned) with metadata (values as strings; dicts and
+    lists as JSON), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"method": quantizer.method, "dimension": str(quantizer.embedding_dim), "temperature": str(quantizer.temperature)}
