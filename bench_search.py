@@ -1,8 +1,11 @@
 """Search benchmark: float32 exact search vs packed binary codes (Stage 1, Stage 2) vs binary search + float rescoring.
 
-For each method: index memory, single-query p50 latency and batch throughput, all top-10, with faiss. Times are
-wall-clock on the machine that runs this, with faiss's default thread count (OMP_NUM_THREADS changes it; on a busy
-machine threads wait for each other, so small searches slow down). The last line of stdout is JSON.
+For each method: index memory, single-query p50 latency and batch throughput, all top-10, with faiss. Each method is
+timed in two layouts of the same exact search: one index, and the index split into one shard per faiss thread,
+searched in parallel and merged (a one-query search of one index runs on one core; shards put every core on it).
+Speed-ups compare against the faster float layout. Times are wall-clock on the machine that runs this, with faiss's
+default thread count (OMP_NUM_THREADS changes it; on a busy machine threads wait for each other, so small searches
+slow down). The last line of stdout is JSON: per method, its faster layout's times.
 
     python bench_search.py                        # 1,000,000 random unit vectors, dimension 384
     python bench_search.py --n 20000              # a quick run
@@ -38,6 +41,7 @@ RESCORE_K = 50  # Hamming candidates re-ranked by float dot product
 SEED = 0
 TOP = 10
 CHUNK = 100_000  # rows per step when generating, normalising and quantising: no big temporaries
+SHARDS = faiss.omp_get_max_threads()  # the second layout: one shard per thread; --shards 1 times one index only
 QUERY_NOISE = 0.01  # --embeddings: per-component noise on sampled rows, so a query is near its document, not equal
 
 
@@ -83,6 +87,21 @@ def encode(quantizer, x: np.ndarray) -> np.ndarray:
                            for s in range(0, len(x), CHUNK)])
 
 
+def float_index(docs: np.ndarray) -> faiss.IndexFlatIP:
+    index = faiss.IndexFlatIP(docs.shape[1])
+    index.add(docs)
+    return index
+
+
+def sharded(shards_class, build, rows: np.ndarray, dim: int, shards: int):
+    """The same exact search split into `shards` indexes that faiss searches in parallel threads and merges: same
+    results, same memory. faiss.IndexShards for float, faiss.IndexBinaryShards (dim in bits) for codes."""
+    index = shards_class(dim, True, True)  # threaded, successive ids: shard j holds rows after shard j - 1
+    for part in np.array_split(rows, shards):
+        index.add_shard(build(part))
+    return index
+
+
 def seconds(search, rows: slice) -> float:
     start = time.perf_counter()
     search(rows)
@@ -102,44 +121,57 @@ def time_searches(searches: list, single: int, queries: int) -> list[tuple[float
     return [(float(ms), seconds(search, slice(0, queries))) for ms, search in zip(p50, searches)]
 
 
-def run(n, dim=DIM, queries=QUERIES, single=SINGLE, rescore_k=RESCORE_K, seed=SEED, embeddings=None) -> dict:
-    """Build every index, time it, print the table, and return the summary that becomes the JSON line."""
+def run(n, dim=DIM, queries=QUERIES, single=SINGLE, rescore_k=RESCORE_K, seed=SEED, embeddings=None,
+        shards=SHARDS) -> dict:
+    """Build every index in each layout, time it, print the table, and return the summary that becomes the JSON line."""
     for bad, message in [(n < TOP, f"--n must be at least {TOP}, got {n}"),
                          (dim < 4 or dim % 4, f"--dim must be a positive multiple of 4 (Stage 2 pairs), got {dim}"),
                          (rescore_k < TOP, f"--rescore-k must be at least {TOP}, got {rescore_k}"),
                          (rescore_k > n, f"--rescore-k {rescore_k} is more than --n {n}"),
-                         (queries < 1 or single < 1, f"--queries and --single must be positive, got {queries}, {single}")]:
+                         (queries < 1 or single < 1, f"--queries and --single must be positive, got {queries}, {single}"),
+                         (shards < 1 or n < shards * TOP, f"--shards must be 1 to n / {TOP}, got {shards}")]:
         if bad:
             raise UsageError(message)
     docs, q = load_data(n, dim, max(queries, single), seed, embeddings)
-    flat = faiss.IndexFlatIP(dim)
-    flat.add(docs)
     stage1, stage2 = QuantizationModuleStage1(dim), QuantizationModuleStage2(dim)  # untrained: thresholds all zero
-    index1, index2 = build_binary_index(encode(stage1, docs)), build_binary_index(encode(stage2, docs))
-    q1, q2 = encode(stage1, q), encode(stage2, q)
-    float_bytes, binary_bytes = flat.ntotal * flat.d * 4, index1.ntotal * index1.code_size
-    methods = [  # JSON key, name, search over a slice of the queries, index bytes
-        ("float", "float32 IndexFlatIP", lambda r: flat.search(q[r], TOP), float_bytes),
-        ("binary", f"stage1 {stage1.bits_per_vector} bits IndexBinaryFlat", lambda r: index1.search(q1[r], TOP), binary_bytes),
-        ("stage2", f"stage2 {stage2.bits_per_vector} bits IndexBinaryFlat", lambda r: index2.search(q2[r], TOP),
-         index2.ntotal * index2.code_size),
-        ("rescore", f"stage1 top-{rescore_k} + float rescore (binary index + float store)",
-         lambda r: rescore_search(index1, docs, q[r], q1[r], rescore_k, TOP), binary_bytes + docs.nbytes),
-    ]
-    result, rows = {"n": n}, []
-    timings = time_searches([search for _, _, search, _ in methods], single, queries)
-    for (key, name, _, nbytes), (single_ms, batch_s) in zip(methods, timings):
-        result |= {f"{key}_single_ms": single_ms, f"{key}_batch_s": batch_s}
+    codes1, codes2, q1, q2 = encode(stage1, docs), encode(stage2, docs), encode(stage1, q), encode(stage2, q)
+    searches, rows = [], []  # (JSON key, name, layout, search over a slice of the queries, index bytes) per layout
+    for layout in ["1 index"] + ([f"{shards} shards"] if shards > 1 else []):
+        def build(shards_class, one, data, bits):  # noqa: E306 - one index, or `shards` of them
+            return one(data) if layout == "1 index" else sharded(shards_class, one, data, bits, shards)
+        flat = build(faiss.IndexShards, float_index, docs, dim)
+        index1 = build(faiss.IndexBinaryShards, build_binary_index, codes1, codes1.shape[1] * 8)
+        index2 = build(faiss.IndexBinaryShards, build_binary_index, codes2, codes2.shape[1] * 8)
+        searches += [
+            ("float", "float32 IndexFlatIP", layout, lambda r, f=flat: f.search(q[r], TOP), docs.nbytes),
+            ("binary", f"stage1 {stage1.bits_per_vector} bits IndexBinaryFlat", layout,
+             lambda r, i=index1: i.search(q1[r], TOP), codes1.nbytes),
+            ("stage2", f"stage2 {stage2.bits_per_vector} bits IndexBinaryFlat", layout,
+             lambda r, i=index2: i.search(q2[r], TOP), codes2.nbytes),
+            ("rescore", f"stage1 top-{rescore_k} + float rescore (binary index + float store)", layout,
+             lambda r, i=index1: rescore_search(i, docs, q[r], q1[r], rescore_k, TOP), codes1.nbytes + docs.nbytes),
+        ]
+    timings = time_searches([search for *_, search, _ in searches], single, queries)
+    result = {"n": n}
+    for (key, _, layout, _, nbytes), (single_ms, batch_s) in zip(searches, timings):  # each method's faster layout
+        if single_ms < result.get(f"{key}_single_ms", np.inf):
+            result |= {f"{key}_single_ms": single_ms, f"{key}_single_layout": layout}
+        if batch_s < result.get(f"{key}_batch_s", np.inf):
+            result |= {f"{key}_batch_s": batch_s, f"{key}_batch_layout": layout}
         if key != "rescore":  # rescoring holds the binary index and the float store; its sum is in the table
             result[f"{key}_bytes"] = nbytes // n
-        rows.append([name, nbytes / 2**20, nbytes // n, single_ms, result["float_single_ms"] / single_ms, batch_s,
-                     queries / batch_s, result["float_batch_s"] / batch_s, float_bytes / nbytes])
+    order = [key for key, *_ in searches[:4]]  # the table: one method's layouts together
+    for (key, name, layout, _, nbytes), (single_ms, batch_s) in sorted(zip(searches, timings),
+                                                                      key=lambda s: order.index(s[0][0])):
+        rows.append([name, layout, nbytes / 2**20, nbytes // n, single_ms, result["float_single_ms"] / single_ms,
+                     batch_s, queries / batch_s, result["float_batch_s"] / batch_s, docs.nbytes / nbytes])
     data = f"embeddings {embeddings}" if embeddings else f"random unit vectors (seed {seed})"
     print(f"{n:,} vectors, dim {dim}, {data}; top-{TOP}; {queries:,} batch queries, p50 of {single} single queries; "
-          f"faiss threads {faiss.omp_get_max_threads()}; wall-clock times on this machine")
+          f"faiss threads {faiss.omp_get_max_threads()}; wall-clock times on this machine; speed-ups against the "
+          f"faster float layout")
     print(tabulate(rows, floatfmt=".3f", tablefmt="github",
-                   headers=["method", "MiB", "bytes/vec", "single p50 ms", "speed-up", "batch s", "queries/s",
-                            "speed-up", "memory: float/this"]))
+                   headers=["method", "layout", "MiB", "bytes/vec", "single p50 ms", "speed-up", "batch s",
+                            "queries/s", "speed-up", "memory: float/this"]))
     return result
 
 
@@ -152,9 +184,11 @@ def main(argv=None) -> None:
     p.add_argument("--rescore-k", type=int, default=RESCORE_K, help="Hamming candidates re-ranked by float")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--embeddings", type=Path, help="float .npy matrix to use instead of random vectors")
+    p.add_argument("--shards", type=int, default=SHARDS, help="shards of the second layout (1: one index only)")
     args = p.parse_args(argv)
     try:
-        result = run(args.n, args.dim, args.queries, args.single, args.rescore_k, args.seed, args.embeddings)
+        result = run(args.n, args.dim, args.queries, args.single, args.rescore_k, args.seed, args.embeddings,
+                     args.shards)
     except UsageError as e:
         sys.exit(f"error: {e}")
     print(json.dumps(result))

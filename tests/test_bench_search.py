@@ -17,7 +17,8 @@ from quantization_modules import QuantizationModuleStage1, QuantizationModuleSta
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"n", "float_single_ms", "binary_single_ms", "float_batch_s", "binary_batch_s", "rescore_single_ms",
         "float_bytes", "binary_bytes"}
-OPTIONAL_KEYS = {"stage2_single_ms", "stage2_batch_s", "stage2_bytes", "rescore_batch_s"}
+OPTIONAL_KEYS = {"stage2_single_ms", "stage2_batch_s", "stage2_bytes", "rescore_batch_s"} | {
+    f"{key}_{timing}_layout" for key in ("float", "binary", "stage2", "rescore") for timing in ("single", "batch")}
 
 
 def unit_vectors(n, seed, dim=384):
@@ -31,6 +32,9 @@ def test_run_reports_every_key_with_bytes_per_vector():
     assert (result["float_bytes"], result["binary_bytes"], result["stage2_bytes"]) == (1536, 48, 36)
     times = [v for k, v in result.items() if k.endswith(("_ms", "_s"))]
     assert len(times) == 8 and all(t > 0 for t in times)
+    assert {v for k, v in result.items() if k.endswith("_layout")} <= {"1 index", "2 shards"}
+    one_index = bs.run(n=2000, queries=20, single=5, shards=1)
+    assert {v for k, v in one_index.items() if k.endswith("_layout")} == {"1 index"}
 
 
 def test_codes_are_the_quantisers_bits_packed():
@@ -47,6 +51,22 @@ def test_binary_index_hamming_equals_direct_popcount():
     popcount = np.unpackbits(q[:, None, :] ^ d[None, :, :], axis=2).sum(axis=2, dtype=np.int64)
     np.testing.assert_array_equal(distances, np.sort(popcount, axis=1)[:, :10])
     np.testing.assert_array_equal(np.take_along_axis(popcount, ids, 1), distances)  # ids point at those codes
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_sharded_layout_finds_what_one_index_finds(shards):
+    docs, queries = unit_vectors(1000, seed=7), unit_vectors(8, seed=8)
+    flat = bs.float_index(docs)
+    flat_shards = bs.sharded(faiss.IndexShards, bs.float_index, docs, 384, shards)
+    np.testing.assert_array_equal(flat_shards.search(queries, 10)[1], flat.search(queries, 10)[1])
+    codes, query_codes = qm.pack_codes(docs > 0), qm.pack_codes(queries > 0)
+    binary = qm.build_binary_index(codes).search(query_codes, 10)
+    binary_shards = bs.sharded(faiss.IndexBinaryShards, qm.build_binary_index, codes, 384, shards)
+    assert binary_shards.ntotal == 1000
+    distances, ids = binary_shards.search(query_codes, 10)
+    np.testing.assert_array_equal(distances, binary[0])  # ties may come back in another order; distances may not
+    popcount = np.unpackbits(query_codes[:, None, :] ^ codes[None, :, :], axis=2).sum(axis=2, dtype=np.int64)
+    np.testing.assert_array_equal(np.take_along_axis(popcount, ids, 1), distances)  # global ids, not shard-local
 
 
 def test_rescoring_every_document_equals_exact_float_search():
@@ -89,7 +109,8 @@ def test_command_line_ends_with_one_json_line():
 
 
 @pytest.mark.parametrize("args", [["--n", "5"], ["--dim", "386", "--n", "100"], ["--rescore-k", "5", "--n", "100"],
-                                  ["--n", "100", "--embeddings", "no/such/file.npy"]])
+                                  ["--n", "100", "--embeddings", "no/such/file.npy"],
+                                  ["--n", "100", "--shards", "0"]])
 def test_bad_input_is_one_error_line(args):
     proc = bench(*args)
     assert proc.returncode != 0
