@@ -148,6 +148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.output = args.output or Path(OUTPUT_DIR) / ("" if args.protocol == "transfer" else args.protocol)
     if args.rescore_k < 10:
         p.error(f"--rescore-k must be at least 10 (nDCG@10 needs ten documents), got {args.rescore_k}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     return args
 
 

@@ -570,6 +570,13 @@ def main(argv=None) -> None:
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--seed", type=int, default=SEED)
     args = p.parse_args(argv)
+    for name, value, low in [("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1), ("--random-inits", args.random_inits, 0),
+                             ("--max-per-source", args.max_per_source, 1), ("--in-domain-pairs", args.in_domain_pairs, 1)]:
+        if value < low:
+            p.error(f"{name} must be at least {low}, got {value}")
+    for name, value in [("--lr", args.lr), ("--temperature", args.temperature)]:
+        if not value > 0:
+            p.error(f"{name} must be positive, got {value}")
     try:
         weights = {m: (LOSS_WEIGHTS[m][0] if args.sim_weight is None else args.sim_weight,
                        LOSS_WEIGHTS[m][1] if args.contrastive_weight is None else args.contrastive_weight) for m in args.methods}

@@ -120,6 +120,8 @@ def test_rescoring_everything_is_float_ranking_and_asym_keeps_no_floats(model):
     (["--tasks"], "expected at least one argument"),
     (["--tasks", "SciFact", "--data-dir", "/nonexistent"], "data folder not found"),
     (["--tasks", "NFCorpus", "--data-dir", "{data}"], "no folder for NFCorpus"),
+    (["--tasks", "SciFact", "--rescore-k", "5"], "--rescore-k must be at least 10"),
+    (["--tasks", "SciFact", "--batch-size", "0"], "--batch-size must be at least 1"),
 ])
 def test_bad_input_before_any_work(tmp_path, tiny_beir, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -200,3 +200,20 @@ def test_checkpoint_without_its_rotation_and_training_that_trains_nothing_are_re
         with pytest.raises(SystemExit) as exit_info:
             qm.main(["--data-dir", str(tmp_path), *args])
         assert str(exit_info.value).startswith("error: ") and "loss weights must be >= 0 and not both 0" in str(exit_info.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--random-inits", "-1"], "--random-inits must be at least 0"),
+    (["--max-per-source", "0"], "--max-per-source must be at least 1"),
+    (["--in-domain-pairs", "0"], "--in-domain-pairs must be at least 1"),
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--temperature", "0"], "--temperature must be positive"),
+    (["--lr", "nan"], "--lr must be positive"),
+])
+def test_training_command_refuses_bad_numbers_before_any_work(tmp_path, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        qm.main(["--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "ck"), *args])
+    assert str(exit_info.value).startswith("error: " + message) and "\n" not in str(exit_info.value)
+    assert not (tmp_path / "ck").exists()
