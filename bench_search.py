@@ -93,12 +93,15 @@ def float_index(docs: np.ndarray) -> faiss.IndexFlatIP:
     return index
 
 
-def sharded(shards_class, build, rows: np.ndarray, dim: int, shards: int):
-    """The same exact search split into `shards` indexes that faiss searches in parallel threads and merges: same
-    results, same memory. faiss.IndexShards for float, faiss.IndexBinaryShards (dim in bits) for codes."""
-    index = shards_class(dim, True, True)  # threaded, successive ids: shard j holds rows after shard j - 1
-    for part in np.array_split(rows, shards):
-        index.add_shard(build(part))
+def sharded(shards_class, build, rows: np.ndarray, shards: int):
+    """`build(rows)` split into `shards` indexes that faiss searches in parallel threads and merges: same results,
+    same memory. faiss.IndexShards for float, faiss.IndexBinaryShards for codes; one shard is the plain index."""
+    parts = [build(part) for part in np.array_split(rows, shards)]
+    if shards == 1:
+        return parts[0]
+    index = shards_class(parts[0].d, True, True)  # threaded, successive ids: shard j holds rows after shard j - 1
+    for part in parts:
+        index.add_shard(part)
     return index
 
 
@@ -136,12 +139,11 @@ def run(n, dim=DIM, queries=QUERIES, single=SINGLE, rescore_k=RESCORE_K, seed=SE
     stage1, stage2 = QuantizationModuleStage1(dim), QuantizationModuleStage2(dim)  # untrained: thresholds all zero
     codes1, codes2, q1, q2 = encode(stage1, docs), encode(stage2, docs), encode(stage1, q), encode(stage2, q)
     searches, rows = [], []  # (JSON key, name, layout, search over a slice of the queries, index bytes) per layout
-    for layout in ["1 index"] + ([f"{shards} shards"] if shards > 1 else []):
-        def build(shards_class, one, data, bits):  # noqa: E306 - one index, or `shards` of them
-            return one(data) if layout == "1 index" else sharded(shards_class, one, data, bits, shards)
-        flat = build(faiss.IndexShards, float_index, docs, dim)
-        index1 = build(faiss.IndexBinaryShards, build_binary_index, codes1, codes1.shape[1] * 8)
-        index2 = build(faiss.IndexBinaryShards, build_binary_index, codes2, codes2.shape[1] * 8)
+    for count in dict.fromkeys([1, shards]):
+        layout = "1 index" if count == 1 else f"{count} shards"
+        flat = sharded(faiss.IndexShards, float_index, docs, count)
+        index1 = sharded(faiss.IndexBinaryShards, build_binary_index, codes1, count)
+        index2 = sharded(faiss.IndexBinaryShards, build_binary_index, codes2, count)
         searches += [
             ("float", "float32 IndexFlatIP", layout, lambda r, f=flat: f.search(q[r], TOP), docs.nbytes),
             ("binary", f"stage1 {stage1.bits_per_vector} bits IndexBinaryFlat", layout,

@@ -57,11 +57,11 @@ def test_binary_index_hamming_equals_direct_popcount():
 def test_sharded_layout_finds_what_one_index_finds(shards):
     docs, queries = unit_vectors(1000, seed=7), unit_vectors(8, seed=8)
     flat = bs.float_index(docs)
-    flat_shards = bs.sharded(faiss.IndexShards, bs.float_index, docs, 384, shards)
+    flat_shards = bs.sharded(faiss.IndexShards, bs.float_index, docs, shards)
     np.testing.assert_array_equal(flat_shards.search(queries, 10)[1], flat.search(queries, 10)[1])
     codes, query_codes = qm.pack_codes(docs > 0), qm.pack_codes(queries > 0)
     binary = qm.build_binary_index(codes).search(query_codes, 10)
-    binary_shards = bs.sharded(faiss.IndexBinaryShards, qm.build_binary_index, codes, 384, shards)
+    binary_shards = bs.sharded(faiss.IndexBinaryShards, qm.build_binary_index, codes, shards)
     assert binary_shards.ntotal == 1000
     distances, ids = binary_shards.search(query_codes, 10)
     np.testing.assert_array_equal(distances, binary[0])  # ties may come back in another order; distances may not
