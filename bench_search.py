@@ -71,6 +71,8 @@ def load_data(n: int, dim: int, queries: int, seed: int, embeddings=None) -> tup
         source = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError):
         raise UsageError(f"{path} is not a .npy matrix numpy can read without pickle") from None
+    if not isinstance(source, np.ndarray):  # an .npz archive: several arrays, not one matrix
+        raise UsageError(f"{path} is an .npz archive, not one .npy matrix")
     if source.ndim != 2 or source.shape[1] != dim:
         raise UsageError(f"{path} has shape {source.shape}, want (rows, {dim}); set --dim to match")
     if n > len(source):
@@ -179,6 +181,7 @@ def run(n, dim=DIM, queries=QUERIES, single=SINGLE, rescore_k=RESCORE_K, seed=SE
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
     p.add_argument("--n", type=int, default=N, help="number of document vectors")
     p.add_argument("--dim", type=int, default=DIM)
     p.add_argument("--queries", type=int, default=QUERIES, help="batch size of the throughput measurement")

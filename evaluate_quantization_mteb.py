@@ -36,6 +36,7 @@ from quantization_modules import (  # noqa: E402
     QuantizationModuleStage1,
     UsageError,
     build_binary_index,
+    check_writable,
     checkpoint_path,
     find_task_folder,
     load_base_model,
@@ -64,7 +65,8 @@ class BinaryIndex:
 
     It receives float embeddings from the shared encoder and quantises them itself. Modes:
       hamming: rank by Hamming distance (score = bits - 2 * distance, the dot product of ±1 codes);
-      rescore: the Hamming top-k re-ranked by float query . float document (float documents are kept);
+      rescore: the Hamming top-k re-ranked by float query . float document (float documents are kept), then the rest
+               of the Hamming list, so metrics at cut-offs above k are those of the Hamming ranking below the head;
       asym:    the query's float margins (x - thresholds; per pair, the larger) . the document's ±1 code (no float
                documents kept).
     """
@@ -93,7 +95,7 @@ class BinaryIndex:
             return (self.quantizer.bits_per_vector - 2 * distances).tolist(), ids.tolist()
         if self.mode == "rescore":
             k = min(self.rescore_k, self.index.ntotal)
-            scores, ids = rescore_search(self.index, self.float_docs, queries, self._codes(queries), k, min(k, top_k))
+            scores, ids = rescore_search(self.index, self.float_docs, queries, self._codes(queries), k, top_k)
             return scores.tolist(), ids.tolist()
         codes = faiss_codes(self.index)[:, : self.quantizer.bits_per_vector]
         float_queries = self.quantizer.margins(torch.from_numpy(queries))
@@ -168,7 +170,11 @@ def get_retrieval_tasks(names: list[str], data_dir: Path | None) -> list:
         if data_dir is not None:
             load_local_task(task, data_dir)
         else:  # loaded once here, so mteb keeps it across rows (and its qrels stay readable for significance)
-            task.load_data()
+            try:
+                task.load_data()
+            except Exception as e:  # noqa: BLE001 - offline, no such dataset, hub errors: all need --data-dir
+                raise UsageError(f"cannot load {task.metadata.name} from the Hugging Face hub ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); give --data-dir with a local BEIR copy") from None
     return tasks
 
 
@@ -179,15 +185,6 @@ def load_local_task(task, data_dir: Path) -> None:
     for split in task.eval_splits:
         task.corpus[split], task.queries[split], task.relevant_docs[split] = load_beir(folder, split)
     task.data_loaded = True
-
-
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UsageError(f"output folder {folder} is not writable ({e.strerror})") from None
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:
@@ -222,13 +219,14 @@ def report(rows: pd.DataFrame, title: str, reference: str) -> str:
     wide = rows.pivot_table(index="method", columns=["metric", "task"], values="value").reindex(order)
     ndcg = wide["ndcg_at_10"].T
     ndcg.loc["mean"] = ndcg.mean()
-    cells = ndcg.map("{:.4f}".format)
-    for metric, mark in [(f"p_vs_{reference}", "*"), ("p_vs_stage1_zero", "†")]:
-        if metric in wide:
-            significant = (wide[metric].T < ALPHA).reindex(index=cells.index, columns=cells.columns, fill_value=False)
+    cells, marks = ndcg.map("{:.4f}".format), []
+    for base, mark in [(reference, "*"), ("stage1_zero", "†")]:
+        if f"p_vs_{base}" in wide:
+            significant = (wide[f"p_vs_{base}"].T < ALPHA).reindex(index=cells.index, columns=cells.columns, fill_value=False)
             cells = cells.where(~significant, cells + mark)
-    lines = [f"## {title}", "", "nDCG@10. Marks: * differs from " + reference + ", † differs from stage1_zero (paired randomisation "
-             f"test over per-query nDCG@10, {RESAMPLES:,} resamples, p < {ALPHA})", "", cells.to_markdown(), ""]
+            marks.append(f"{mark} differs from {base}")
+    marks = f" Marks: {', '.join(marks)} (paired randomisation test over per-query nDCG@10, {RESAMPLES:,} resamples, p < {ALPHA})" if marks else ""
+    lines = [f"## {title}", "", f"nDCG@10.{marks}", "", cells.to_markdown(), ""]
     per_method = pd.DataFrame({"bits": wide["bits_per_vector"].iloc[:, 0], "bytes": wide["bytes_per_vector"].iloc[:, 0]}).astype(int)
     if "retention" in wide:
         for task in wide["retention"].columns:
@@ -240,7 +238,8 @@ def report(rows: pd.DataFrame, title: str, reference: str) -> str:
                 per_method[f"{task} Δ vs {base} [95% CI] p"] = [
                     f"{wide[f'delta_vs_{base}'][task][m]:+.4f} [{wide[f'delta_vs_{base}_ci_low'][task][m]:+.4f}, "
                     f"{wide[f'delta_vs_{base}_ci_high'][task][m]:+.4f}] {wide[f'p_vs_{base}'][task][m]:.3f}" for m in order]
-    lines += [f"Cost, retention vs {reference} (nDCG@10 of the method / nDCG@10 of {reference}) and paired differences in nDCG@10",
+    lines += [(f"Cost, retention vs {reference} (nDCG@10 of the method / nDCG@10 of {reference}) and paired differences in nDCG@10"
+               if "retention" in wide else "Cost and paired differences in nDCG@10"),
               "", per_method.to_markdown(), ""]
     return "\n".join(lines)
 
@@ -276,6 +275,7 @@ def main(argv=None) -> None:
     try:
         tasks = get_retrieval_tasks(args.tasks, args.data_dir)
         check_writable(args.output)
+        check_writable(args.cache_dir, "embedding cache folder")
 
         # base model: one float encoder, cached on disk, shared by every method
         st_model = load_base_model(args.model)
@@ -291,7 +291,8 @@ def main(argv=None) -> None:
         metadata = {}
 
         def trained(stage):
-            quantizer, metadata[stage] = load_quantizer(checkpoint_path(args.checkpoints, args.model, stage, args.protocol), args.model, dim, args.protocol)
+            quantizer, metadata[stage] = load_quantizer(checkpoint_path(args.checkpoints, args.model, stage, args.protocol), args.model, dim,
+                                                        args.protocol, stage)
             return quantizer
 
         method_table = {

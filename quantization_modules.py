@@ -15,10 +15,12 @@ test qrels are never read here.
 import argparse
 import datetime
 import json
+import math
 import os
 import random
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,9 +124,20 @@ def _read_jsonl(path: Path) -> list[dict]:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError:
-                    raise UsageError(f"{path}:{n}: not a JSON object") from None
+                    row = None
+                if not isinstance(row, dict):
+                    raise UsageError(f"{path}:{n}: not a JSON object")
+                rows.append(row)
+    return rows
+
+
+def _fields(rows: list[dict], path: Path, *keys: str) -> list[dict]:
+    """The rows of a jsonl file, refusing the first one that lacks a required key."""
+    for n, row in enumerate(rows, 1):
+        if any(row.get(k) is None for k in keys):
+            raise UsageError(f"{path}: record {n} lacks {' or '.join(repr(k) for k in keys if row.get(k) is None)}")
     return rows
 
 
@@ -159,12 +172,28 @@ def load_beir(folder: Path, split: str | None = None) -> tuple[dict, dict, dict]
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"data folder not found: {folder}")
-    corpus = {str(d["_id"]): {"title": d.get("title") or "", "text": d["text"]} for d in _read_jsonl(folder / "corpus.jsonl")}
-    queries = {str(q["_id"]): q["text"] for q in _read_jsonl(folder / "queries.jsonl")}
+    corpus_path, queries_path = folder / "corpus.jsonl", folder / "queries.jsonl"
+    corpus = {str(d["_id"]): {"title": d.get("title") or "", "text": d["text"]} for d in _fields(_read_jsonl(corpus_path), corpus_path, "_id", "text")}
+    queries = {str(q["_id"]): q["text"] for q in _fields(_read_jsonl(queries_path), queries_path, "_id", "text")}
+    if not corpus:
+        raise UsageError(f"{corpus_path} holds no documents")
     if split is None:
         return corpus, queries, {}
     qrels = load_qrels(folder, split)
-    return corpus, {qid: queries[qid] for qid in qrels if qid in queries}, qrels
+    queries = {qid: queries[qid] for qid in qrels if qid in queries}
+    if not any(score > 0 for qid in queries for score in qrels[qid].values()):
+        raise UsageError(f"{folder / 'qrels' / (split + '.tsv')}: no query of queries.jsonl has a relevant document (score > 0)")
+    return corpus, queries, qrels
+
+
+def check_writable(folder: Path, what: str = "output folder") -> None:
+    """Create `folder` if needed and prove a file can be written there, before any long work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(f"{what} {folder} is not writable ({e.strerror})") from None
 
 
 def find_task_folder(data_dir: Path, task_name: str) -> Path:
@@ -352,11 +381,19 @@ def build_binary_index(codes: np.ndarray) -> faiss.IndexBinaryFlat:
 
 
 def rescore_search(binary_index, float_docs: np.ndarray, float_queries: np.ndarray, query_codes: np.ndarray, k: int, top: int):
-    """Hamming top-k from `binary_index`, re-ranked by float query . float document. Returns (scores, ids), each (q, top)."""
-    _, candidates = binary_index.search(query_codes, k)
-    scores = (float_docs[candidates] @ float_queries[:, :, None])[:, :, 0]  # gather k rows per query, small matmul
+    """Hamming top-k from `binary_index`, re-ranked by float query . float document. Returns (scores, ids), each (q, top).
+
+    For top > k, the Hamming ranks k+1..top follow in Hamming order, scored below every re-ranked document, so
+    metrics at cut-offs above k see the binary search's list rather than a truncated one."""
+    _, candidates = binary_index.search(query_codes, max(k, top))
+    head = candidates[:, :k]
+    scores = (float_docs[head] @ float_queries[:, :, None])[:, :, 0]  # gather k rows per query, small matmul
     order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(candidates, order, 1)
+    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(head, order, 1)
+    if top > k:
+        tail = scores[:, -1:] - 1 - np.arange(top - k, dtype=scores.dtype)  # strictly below the head, in Hamming order
+        scores, ids = np.concatenate([scores, tail], axis=1), np.concatenate([ids, candidates[:, k:top]], axis=1)
+    return scores, ids
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -515,8 +552,10 @@ def save_quantizer(path: Path, quantizer: QuantizationModuleStage1, metadata: di
     os.replace(tmp, path)
 
 
-def load_quantizer(path: Path, model_name: str, embedding_dim: int, protocol: str | None = None) -> tuple[QuantizationModuleStage1, dict]:
-    """Load a checkpoint, refusing one that is missing, not safetensors, or made for another model, dimension or protocol."""
+def load_quantizer(path: Path, model_name: str, embedding_dim: int, protocol: str | None = None,
+                   method: str | None = None) -> tuple[QuantizationModuleStage1, dict]:
+    """Load a checkpoint, refusing one that is missing, not safetensors, or made for another model, dimension, protocol
+    or (if given) method."""
     path = Path(path)
     if not path.is_file():
         transfer = protocol in (None, "transfer")
@@ -531,10 +570,14 @@ def load_quantizer(path: Path, model_name: str, embedding_dim: int, protocol: st
         raise UsageError(f"{path} is not a safetensors checkpoint ({e}); pickled checkpoints are refused") from None
     if meta.get("base_model") != model_name:
         raise UsageError(f"{path} was trained for model {meta.get('base_model')!r}, not {model_name!r}")
+    if "thresholds" not in tensors:
+        raise UsageError(f"{path} holds no thresholds tensor (has: {', '.join(sorted(tensors)) or 'none'})")
     if meta.get("dimension") != str(embedding_dim) or tensors["thresholds"].shape != (embedding_dim,):
         raise UsageError(f"{path} is for dimension {meta.get('dimension')}, but {model_name} gives {embedding_dim}")
     if meta.get("method") not in QUANTIZERS:
         raise UsageError(f"{path} has unknown method {meta.get('method')!r}")
+    if method is not None and meta["method"] != method:
+        raise UsageError(f"{path} holds a {meta['method']} quantiser, not {method}")
     if protocol is not None and meta.get("protocol", "transfer") != protocol:
         raise UsageError(f"{path} was trained under protocol {meta.get('protocol')!r}, not {protocol!r}")
     quantizer = QUANTIZERS[meta["method"]](embedding_dim, float(meta.get("temperature", TEMPERATURE)))
@@ -581,8 +624,11 @@ def main(argv=None) -> None:
         weights = {m: (LOSS_WEIGHTS[m][0] if args.sim_weight is None else args.sim_weight,
                        LOSS_WEIGHTS[m][1] if args.contrastive_weight is None else args.contrastive_weight) for m in args.methods}
         for method, (sim_weight, contrastive_weight) in weights.items():
-            if sim_weight <= 0 and contrastive_weight <= 0 or min(sim_weight, contrastive_weight) < 0:
+            if not (math.isfinite(sim_weight) and math.isfinite(contrastive_weight)) or min(sim_weight, contrastive_weight) < 0 \
+                    or sim_weight == contrastive_weight == 0:
                 raise UsageError(f"{method}: loss weights must be >= 0 and not both 0, got similarity {sim_weight}, contrastive {contrastive_weight}")
+        check_writable(checkpoint_path(args.out, args.model, "x", args.protocol).parent, "checkpoint folder")
+        check_writable(args.cache_dir, "embedding cache folder")
         pairs_by_source, texts_by_source = load_training_data(args.data_dir, args.protocol, args.tasks, args.max_per_source,
                                                               args.seed, args.in_domain_pairs)
         print("training pairs: " + ", ".join(f"{k} {len(v):,}" for k, v in pairs_by_source.items()))
@@ -600,6 +646,8 @@ def main(argv=None) -> None:
             corpus, queries, _ = load_beir(folder)
             qrels = task_query_splits(folder, args.seed)["validation"]
             query_ids, doc_ids = [q for q in qrels if q in queries], list(corpus)
+            if not query_ids:
+                raise UsageError(f"{task}: no validation queries (wanted qrels/dev.tsv, or qrels/train.tsv to hold some out, in {folder})")
             validation[task] = dict(
                 query_emb=embed_texts(model, [queries[q] for q in query_ids], slug_dir / task / "query"),
                 doc_emb=embed_texts(model, [document_text(corpus[d]) for d in doc_ids], slug_dir / task / "document"),

@@ -81,6 +81,20 @@ def test_rescoring_every_document_equals_exact_float_search():
     np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-6)
 
 
+def test_rescoring_a_head_keeps_the_rest_of_the_hamming_list():
+    docs, queries = unit_vectors(500, seed=4), unit_vectors(8, seed=5)
+    stage1 = QuantizationModuleStage1(384)
+    index, query_codes = qm.build_binary_index(bs.encode(stage1, docs)), bs.encode(stage1, queries)
+    _, hamming_ids = index.search(query_codes, 100)
+    scores, ids = qm.rescore_search(index, docs, queries, query_codes, k=20, top=100)
+    assert ids.shape == scores.shape == (8, 100)
+    np.testing.assert_array_equal(ids[:, 20:], hamming_ids[:, 20:])  # ranks 21..100: the Hamming list
+    head_scores = np.einsum("qd,qkd->qk", queries, docs[hamming_ids[:, :20]])
+    np.testing.assert_allclose(scores[:, :20], -np.sort(-head_scores, axis=1), rtol=1e-5, atol=1e-6)  # the head: float order
+    assert set(ids[0, :20]) == set(hamming_ids[0, :20])
+    assert (np.diff(scores, axis=1) <= 0).all() and (np.diff(scores[:, 19:], axis=1) < 0).all()  # one ranking, ties only in the head
+
+
 def test_embeddings_file_is_used_and_checked(tmp_path):
     path = tmp_path / "emb.npy"
     np.save(path, 3 * unit_vectors(100, seed=6))  # not unit length: the benchmark normalises rows
@@ -93,6 +107,9 @@ def test_embeddings_file_is_used_and_checked(tmp_path):
         bs.load_data(101, 384, 7, seed=0, embeddings=path)
     with pytest.raises(UsageError, match="shape"):
         bs.load_data(100, 768, 7, seed=0, embeddings=path)
+    np.savez(tmp_path / "emb.npz", x=unit_vectors(100, seed=6))
+    with pytest.raises(UsageError, match="an .npz archive"):
+        bs.load_data(100, 384, 7, seed=0, embeddings=tmp_path / "emb.npz")
 
 
 def bench(*args):
@@ -110,7 +127,7 @@ def test_command_line_ends_with_one_json_line():
 
 @pytest.mark.parametrize("args", [["--n", "5"], ["--dim", "386", "--n", "100"], ["--rescore-k", "5", "--n", "100"],
                                   ["--n", "100", "--embeddings", "no/such/file.npy"],
-                                  ["--n", "100", "--shards", "0"]])
+                                  ["--n", "100", "--shards", "0"], ["--n", "abc"]])
 def test_bad_input_is_one_error_line(args):
     proc = bench(*args)
     assert proc.returncode != 0

@@ -103,6 +103,12 @@ def test_rescoring_everything_is_float_ranking_and_asym_keeps_no_floats(model):
     float_scores = queries @ docs.T
     assert np.array_equal(np.array(ids), np.argsort(-float_scores, axis=1))
     assert np.allclose(scores, np.sort(float_scores, axis=1)[:, ::-1], atol=1e-6)
+    # mteb asks for more than k: the re-ranked head, then the rest of the Hamming list (recall@100 etc. stay honest)
+    head = ev.BinaryIndex(qm.QuantizationModuleStage1(384), "rescore", rescore_k=3)
+    head.add_documents(docs, list(TINY_DOCS))
+    _, ids = head.search(queries, top_k=len(docs))
+    _, hamming_ids = head.index.search(head._codes(queries), len(docs))
+    assert np.array(ids).shape == (len(queries), len(docs)) and np.array_equal(np.array(ids)[:, 3:], hamming_ids[:, 3:])
 
     asym = ev.BinaryIndex(qm.QuantizationModuleStage2(384), "asym")
     asym.add_documents(docs, list(TINY_DOCS))
@@ -148,8 +154,14 @@ def test_bad_checkpoints_and_data_are_refused(tmp_path, tiny_beir, checkpoints):
     torch.save({"thresholds": other.thresholds.data}, stage2)
     refused("pickled checkpoints are refused")
     qm.save_quantizer(stage2, other, {"base_model": qm.DEFAULT_MODEL})
+    stage1 = qm.checkpoint_path(checkpoints, qm.DEFAULT_MODEL, "stage1")
+    stage1.rename(stage1.with_suffix(".bak"))
+    stage1.write_bytes(stage2.read_bytes())  # a Stage 2 file under Stage 1's name
+    refused("holds a stage2 quantiser, not stage1")
+    stage1.with_suffix(".bak").replace(stage1)
     (tmp_path / "a_file").write_text("")
-    refused("is not writable", "--output", tmp_path / "a_file" / "results")
+    refused("output folder", "--output", tmp_path / "a_file" / "results")
+    refused("embedding cache folder", "--cache-dir", tmp_path / "a_file" / "cache")
     with open(tiny_beir / "scifact" / "qrels" / "test.tsv", "a") as f:
         f.write("q1\td1\n")
     refused("malformed qrels line")
@@ -163,6 +175,21 @@ def test_command_line_error_is_one_line_without_traceback():
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "NFCorpus" in result.stderr
+
+
+def test_hub_failure_is_one_line_pointing_to_data_dir(tmp_path):
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # no download, even online
+    result = subprocess.run([sys.executable, "evaluate_quantization_mteb.py", "--tasks", "SciFact", "--methods", "float",
+                             "--output", str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot load SciFact") and "--data-dir" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_report_names_only_the_references_it_has(tmp_path, tiny_beir):
+    run(tmp_path, "--tasks", "SciFact", "--data-dir", tiny_beir, "--methods", "stage1_zero", "--modes", "hamming", "asym")
+    markdown = (tmp_path / "results" / "latest.md").read_text()
+    assert "† differs from stage1_zero" in markdown and "differs from float" not in markdown and "retention" not in markdown
 
 
 def test_paired_test_is_the_exact_sign_flip_test_on_small_samples():

@@ -79,6 +79,13 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     torch.save({"thresholds": quantizer.thresholds.data}, pickled)
     with pytest.raises(qm.UsageError, match="pickled checkpoints are refused"):
         qm.load_quantizer(pickled, "org/model", 384)
+    assert qm.load_quantizer(path, "org/model", 384, method="stage2")[1]["method"] == "stage2"
+    with pytest.raises(qm.UsageError, match="holds a stage2 quantiser, not stage1"):  # a file copied to the wrong name
+        qm.load_quantizer(path, "org/model", 384, method="stage1")
+    meta = qm.safe_open(str(path), framework="pt").metadata()
+    qm.save_file({"limits": torch.zeros(384)}, str(path), metadata=meta)
+    with pytest.raises(qm.UsageError, match="holds no thresholds tensor"):
+        qm.load_quantizer(path, "org/model", 384)
 
 
 def test_load_beir_reads_and_rejects(tiny_beir):
@@ -91,6 +98,21 @@ def test_load_beir_reads_and_rejects(tiny_beir):
     with open(tiny_beir / "scifact" / "qrels" / "test.tsv", "a") as f:
         f.write("q1 d2 1\n")
     with pytest.raises(qm.UsageError, match=r"test.tsv:8: malformed qrels line"):
+        qm.load_beir(tiny_beir / "scifact", "test")
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("corpus.jsonl", '{"_id": "d1", "title": "no text"}\n', r"corpus.jsonl: record 1 lacks 'text'"),
+    ("corpus.jsonl", "[1, 2]\n", r"corpus.jsonl:1: not a JSON object"),
+    ("corpus.jsonl", "", "holds no documents"),
+    ("queries.jsonl", '{"text": "no id"}\n', r"queries.jsonl: record 1 lacks '_id'"),
+    ("qrels/test.tsv", "query-id\tcorpus-id\tscore\n", "no query of queries.jsonl has a relevant document"),
+    ("qrels/test.tsv", "x1\td1\t1\n", "no query of queries.jsonl has a relevant document"),
+    ("qrels/test.tsv", "q1\td1\t0\n", "no query of queries.jsonl has a relevant document"),
+])
+def test_load_beir_names_the_file_of_unusable_data(tiny_beir, file, content, message):
+    (tiny_beir / "scifact" / file).write_text(content)
+    with pytest.raises(qm.UsageError, match=message):
         qm.load_beir(tiny_beir / "scifact", "test")
 
 
@@ -196,7 +218,8 @@ def test_checkpoint_without_its_rotation_and_training_that_trains_nothing_are_re
     qm.save_file({"thresholds": torch.zeros(384)}, str(path), metadata=meta | {"method": "stage1_rotated"})
     with pytest.raises(qm.UsageError, match="does not hold the tensors of a stage1_rotated quantiser"):
         qm.load_quantizer(path, "org/model", 384)
-    for args in (["--sim-weight", "0", "--methods", "stage1"], ["--contrastive-weight", "-1", "--methods", "stage1_rotated"]):
+    for args in (["--sim-weight", "0", "--methods", "stage1"], ["--contrastive-weight", "-1", "--methods", "stage1_rotated"],
+                 ["--sim-weight", "nan", "--methods", "stage1"]):
         with pytest.raises(SystemExit) as exit_info:
             qm.main(["--data-dir", str(tmp_path), *args])
         assert str(exit_info.value).startswith("error: ") and "loss weights must be >= 0 and not both 0" in str(exit_info.value)
@@ -217,3 +240,21 @@ def test_training_command_refuses_bad_numbers_before_any_work(tmp_path, args, me
         qm.main(["--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "ck"), *args])
     assert str(exit_info.value).startswith("error: " + message) and "\n" not in str(exit_info.value)
     assert not (tmp_path / "ck").exists()
+
+
+def test_training_command_refuses_an_unwritable_folder_or_no_validation_queries_before_training(tmp_path, tiny_beir):
+    (tmp_path / "a_file").write_text("")
+    for option in ("--out", "--cache-dir"):
+        with pytest.raises(SystemExit) as exit_info:
+            qm.main(["--data-dir", str(tmp_path / "no-data"), "--out", str(tmp_path / "ck"), "--cache-dir", str(tmp_path / "cache"),
+                     option, str(tmp_path / "a_file" / "sub"), "--methods", "stage1"])
+        assert "is not writable" in str(exit_info.value) and str(exit_info.value).startswith("error: ")
+    # a task with only test qrels: nothing to choose candidates on
+    data = tiny_beir.parent / "train"
+    (data / "pairs").mkdir(parents=True)
+    (data / "pairs" / "p.jsonl").write_text('{"anchor": "a", "positive": "b"}\n')
+    (data / "beir").symlink_to(tiny_beir)
+    with pytest.raises(SystemExit) as exit_info:
+        qm.main(["--data-dir", str(data), "--tasks", "SciFact", "--out", str(tmp_path / "ck"), "--cache-dir", str(tmp_path / "cache")])
+    assert str(exit_info.value).startswith("error: SciFact: no validation queries")
+    assert not list((tmp_path / "ck").rglob("*.safetensors"))
