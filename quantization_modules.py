@@ -627,7 +627,7 @@ def main(argv=None) -> None:
             if not (math.isfinite(sim_weight) and math.isfinite(contrastive_weight)) or min(sim_weight, contrastive_weight) < 0 \
                     or sim_weight == contrastive_weight == 0:
                 raise UsageError(f"{method}: loss weights must be >= 0 and not both 0, got similarity {sim_weight}, contrastive {contrastive_weight}")
-        check_writable(checkpoint_path(args.out, args.model, "x", args.protocol).parent, "checkpoint folder")
+        check_writable(checkpoint_path(args.out, args.model, args.methods[0], args.protocol).parent, "checkpoint folder")
         check_writable(args.cache_dir, "embedding cache folder")
         pairs_by_source, texts_by_source = load_training_data(args.data_dir, args.protocol, args.tasks, args.max_per_source,
                                                               args.seed, args.in_domain_pairs)

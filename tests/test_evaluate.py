@@ -1,5 +1,6 @@
 """End-to-end tests of evaluate_quantization_mteb.py: every method through mteb, Hamming-exact scoring, bad input."""
 
+import os
 import subprocess
 import sys
 
@@ -178,7 +179,7 @@ def test_command_line_error_is_one_line_without_traceback():
 
 
 def test_hub_failure_is_one_line_pointing_to_data_dir(tmp_path):
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # no download, even online
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # no download, even online
     result = subprocess.run([sys.executable, "evaluate_quantization_mteb.py", "--tasks", "SciFact", "--methods", "float",
                              "--output", str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0 and "Traceback" not in result.stderr
