@@ -23,13 +23,11 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
+from methods import build_binary_index, pack_codes, rescore_search
 from quantization_modules import (
     QuantizationModuleStage1,
     QuantizationModuleStage2,
     UsageError,
-    build_binary_index,
-    pack_codes,
-    rescore_search,
 )
 
 # defaults (override on the command line)

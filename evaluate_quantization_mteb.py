@@ -29,24 +29,10 @@ from mteb.models.cache_wrappers import CachedEmbeddingWrapper  # noqa: E402
 from mteb.models.model_meta import ModelMeta, ScoringFunction  # noqa: E402
 from mteb.models.search_wrappers import SearchEncoderWrapper  # noqa: E402
 
-from quantization_modules import (  # noqa: E402
-    CACHE_DIR,
-    DEFAULT_MODEL,
-    PROTOCOLS,
-    QuantizationModuleStage1,
-    UsageError,
-    build_binary_index,
-    check_writable,
-    checkpoint_path,
-    find_task_folder,
-    load_base_model,
-    load_beir,
-    load_quantizer,
-    model_slug,
-    pack_codes,
-    rescore_search,
-    to_signed,
-)
+from data import PROTOCOLS, UsageError, check_writable, find_task_folder, load_beir, write_atomic  # noqa: E402
+from encoders import CACHE_DIR, DEFAULT_MODEL, load_base_model, model_slug  # noqa: E402
+from methods import build_binary_index, pack_codes, rescore_search  # noqa: E402
+from quantization_modules import QuantizationModuleStage1, checkpoint_path, load_quantizer, to_signed  # noqa: E402
 
 # defaults (override on the command line)
 CHECKPOINTS_DIR = "checkpoints"
@@ -186,11 +172,6 @@ def load_local_task(task, data_dir: Path) -> None:
         task.corpus[split], task.queries[split], task.relevant_docs[split] = load_beir(folder, split)
     task.data_loaded = True
 
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def per_query_ndcg(rankings: dict, task, split: str) -> pd.Series:

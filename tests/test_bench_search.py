@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import bench_search as bs
+import methods
 import quantization_modules as qm
 from quantization_modules import QuantizationModuleStage1, QuantizationModuleStage2, UsageError
 
@@ -41,13 +42,13 @@ def test_codes_are_the_quantisers_bits_packed():
     x = unit_vectors(300, seed=1)
     stage1, stage2 = bs.encode(QuantizationModuleStage1(384), x), bs.encode(QuantizationModuleStage2(384), x)
     assert stage1.dtype == np.uint8 and stage1.shape == (300, 48) and stage2.shape == (300, 36)
-    np.testing.assert_array_equal(stage1, qm.pack_codes(x > 0))  # zero thresholds: sign bits
+    np.testing.assert_array_equal(stage1, methods.pack_codes(x > 0))  # zero thresholds: sign bits
 
 
 def test_binary_index_hamming_equals_direct_popcount():
     docs, queries = unit_vectors(500, seed=2), unit_vectors(8, seed=3)
-    d, q = qm.pack_codes(docs > 0), qm.pack_codes(queries > 0)
-    distances, ids = qm.build_binary_index(d).search(q, 10)
+    d, q = methods.pack_codes(docs > 0), methods.pack_codes(queries > 0)
+    distances, ids = methods.build_binary_index(d).search(q, 10)
     popcount = np.unpackbits(q[:, None, :] ^ d[None, :, :], axis=2).sum(axis=2, dtype=np.int64)
     np.testing.assert_array_equal(distances, np.sort(popcount, axis=1)[:, :10])
     np.testing.assert_array_equal(np.take_along_axis(popcount, ids, 1), distances)  # ids point at those codes
@@ -59,9 +60,9 @@ def test_sharded_layout_finds_what_one_index_finds(shards):
     flat = bs.float_index(docs)
     flat_shards = bs.sharded(faiss.IndexShards, bs.float_index, docs, shards)
     np.testing.assert_array_equal(flat_shards.search(queries, 10)[1], flat.search(queries, 10)[1])
-    codes, query_codes = qm.pack_codes(docs > 0), qm.pack_codes(queries > 0)
-    binary = qm.build_binary_index(codes).search(query_codes, 10)
-    binary_shards = bs.sharded(faiss.IndexBinaryShards, qm.build_binary_index, codes, shards)
+    codes, query_codes = methods.pack_codes(docs > 0), methods.pack_codes(queries > 0)
+    binary = methods.build_binary_index(codes).search(query_codes, 10)
+    binary_shards = bs.sharded(faiss.IndexBinaryShards, methods.build_binary_index, codes, shards)
     assert binary_shards.ntotal == 1000
     distances, ids = binary_shards.search(query_codes, 10)
     np.testing.assert_array_equal(distances, binary[0])  # ties may come back in another order; distances may not
@@ -75,8 +76,8 @@ def test_rescoring_every_document_equals_exact_float_search():
     flat.add(docs)
     exact_scores, exact_ids = flat.search(queries, 10)
     stage1 = QuantizationModuleStage1(384)
-    index = qm.build_binary_index(bs.encode(stage1, docs))
-    scores, ids = qm.rescore_search(index, docs, queries, bs.encode(stage1, queries), k=len(docs), top=10)
+    index = methods.build_binary_index(bs.encode(stage1, docs))
+    scores, ids = methods.rescore_search(index, docs, queries, bs.encode(stage1, queries), k=len(docs), top=10)
     np.testing.assert_array_equal(ids, exact_ids)
     np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-6)
 
@@ -84,9 +85,9 @@ def test_rescoring_every_document_equals_exact_float_search():
 def test_rescoring_a_head_keeps_the_rest_of_the_hamming_list():
     docs, queries = unit_vectors(500, seed=4), unit_vectors(8, seed=5)
     stage1 = QuantizationModuleStage1(384)
-    index, query_codes = qm.build_binary_index(bs.encode(stage1, docs)), bs.encode(stage1, queries)
+    index, query_codes = methods.build_binary_index(bs.encode(stage1, docs)), bs.encode(stage1, queries)
     _, hamming_ids = index.search(query_codes, 100)
-    scores, ids = qm.rescore_search(index, docs, queries, query_codes, k=20, top=100)
+    scores, ids = methods.rescore_search(index, docs, queries, query_codes, k=20, top=100)
     assert ids.shape == scores.shape == (8, 100)
     np.testing.assert_array_equal(ids[:, 20:], hamming_ids[:, 20:])  # ranks 21..100: the Hamming list
     head_scores = np.einsum("qd,qkd->qk", queries, docs[hamming_ids[:, :20]])

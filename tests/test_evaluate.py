@@ -11,6 +11,7 @@ import torch
 from sentence_transformers.util.quantization import quantize_embeddings
 
 import evaluate_quantization_mteb as ev
+import encoders
 import quantization_modules as qm
 from conftest import ROOT, TINY_DOCS, TINY_QUERIES
 
@@ -19,7 +20,7 @@ from conftest import ROOT, TINY_DOCS, TINY_QUERIES
 def checkpoints(tmp_path, model):
     """Every quantiser trained briefly on the tiny texts' real embeddings, saved as the command line would."""
     texts = [t + " " + x for t, x in TINY_DOCS.values()] + [q for q, _ in TINY_QUERIES.values()]
-    embeddings = qm.embed_texts(model, texts, tmp_path / "cache" / "_training")
+    embeddings = encoders.embed_texts(model, texts, tmp_path / "cache" / "_training")
     for method, build in qm.QUANTIZERS.items():
         quantizer = build(embeddings.shape[1])
         qm.train_quantizer(quantizer, embeddings, epochs=3, batch_size=8, verbose=False)

@@ -5,6 +5,8 @@ import pytest
 import torch
 from sentence_transformers.util.quantization import quantize_embeddings
 
+import data as data_module
+import encoders
 import quantization_modules as qm
 
 
@@ -69,36 +71,36 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     assert torch.equal(loaded.thresholds, quantizer.thresholds)
     assert meta["training_sources"] == '{"a": 3}' and meta["method"] == "stage2"
 
-    with pytest.raises(qm.UsageError, match="trained for model 'org/model'"):
+    with pytest.raises(data_module.UsageError, match="trained for model 'org/model'"):
         qm.load_quantizer(path, "org/other", 384)
-    with pytest.raises(qm.UsageError, match="dimension 384"):
+    with pytest.raises(data_module.UsageError, match="dimension 384"):
         qm.load_quantizer(path, "org/model", 768)
-    with pytest.raises(qm.UsageError, match="train one with"):
+    with pytest.raises(data_module.UsageError, match="train one with"):
         qm.load_quantizer(tmp_path / "missing.safetensors", "org/model", 384)
     pickled = tmp_path / "pickled.safetensors"
     torch.save({"thresholds": quantizer.thresholds.data}, pickled)
-    with pytest.raises(qm.UsageError, match="pickled checkpoints are refused"):
+    with pytest.raises(data_module.UsageError, match="pickled checkpoints are refused"):
         qm.load_quantizer(pickled, "org/model", 384)
     assert qm.load_quantizer(path, "org/model", 384, method="stage2")[1]["method"] == "stage2"
-    with pytest.raises(qm.UsageError, match="holds a stage2 quantiser, not stage1"):  # a file copied to the wrong name
+    with pytest.raises(data_module.UsageError, match="holds a stage2 quantiser, not stage1"):  # a file copied to the wrong name
         qm.load_quantizer(path, "org/model", 384, method="stage1")
     meta = qm.safe_open(str(path), framework="pt").metadata()
     qm.save_file({"limits": torch.zeros(384)}, str(path), metadata=meta)
-    with pytest.raises(qm.UsageError, match="holds no thresholds tensor"):
+    with pytest.raises(data_module.UsageError, match="holds no thresholds tensor"):
         qm.load_quantizer(path, "org/model", 384)
 
 
 def test_load_beir_reads_and_rejects(tiny_beir):
-    corpus, queries, qrels = qm.load_beir(tiny_beir / "scifact", "test")
+    corpus, queries, qrels = data_module.load_beir(tiny_beir / "scifact", "test")
     assert len(corpus) == 8 and len(queries) == 6 and qrels["q1"] == {"d1": 1}
-    with pytest.raises(qm.UsageError, match="missing qrels file"):
-        qm.load_beir(tiny_beir / "scifact", "dev")
-    with pytest.raises(qm.UsageError, match="data folder not found"):
-        qm.load_beir(tiny_beir / "nope", "test")
+    with pytest.raises(data_module.UsageError, match="missing qrels file"):
+        data_module.load_beir(tiny_beir / "scifact", "dev")
+    with pytest.raises(data_module.UsageError, match="data folder not found"):
+        data_module.load_beir(tiny_beir / "nope", "test")
     with open(tiny_beir / "scifact" / "qrels" / "test.tsv", "a") as f:
         f.write("q1 d2 1\n")
-    with pytest.raises(qm.UsageError, match=r"test.tsv:8: malformed qrels line"):
-        qm.load_beir(tiny_beir / "scifact", "test")
+    with pytest.raises(data_module.UsageError, match=r"test.tsv:8: malformed qrels line"):
+        data_module.load_beir(tiny_beir / "scifact", "test")
 
 
 @pytest.mark.parametrize("file, content, message", [
@@ -112,8 +114,8 @@ def test_load_beir_reads_and_rejects(tiny_beir):
 ])
 def test_load_beir_names_the_file_of_unusable_data(tiny_beir, file, content, message):
     (tiny_beir / "scifact" / file).write_text(content)
-    with pytest.raises(qm.UsageError, match=message):
-        qm.load_beir(tiny_beir / "scifact", "test")
+    with pytest.raises(data_module.UsageError, match=message):
+        data_module.load_beir(tiny_beir / "scifact", "test")
 
 
 def test_training_data_is_balanced_and_transfer_never_reads_evaluated_tasks(tiny_beir, monkeypatch):
@@ -127,17 +129,17 @@ def test_training_data_is_balanced_and_transfer_never_reads_evaluated_tasks(tiny
     (tiny_beir / "scifact" / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(1, 6)))
     read = []
     for name in ("_read_jsonl", "load_qrels"):
-        original = getattr(qm, name)
-        monkeypatch.setattr(qm, name, lambda path, *a, _f=original: read.append(str(path)) or _f(path, *a))
+        original = getattr(data_module, name)
+        monkeypatch.setattr(data_module, name, lambda path, *a, _f=original: read.append(str(path)) or _f(path, *a))
 
-    pairs, texts = qm.load_training_data(data, "transfer", ["SciFact"], max_per_source=10)
+    pairs, texts = data_module.load_training_data(data, "transfer", ["SciFact"], max_per_source=10)
     assert {k: len(v) for k, v in pairs.items()} == {"pairs/big": 10} and {k: len(v) for k, v in texts.items()} == {"beir-small/tiny": 8}
-    assert (pairs, texts) == qm.load_training_data(data, "transfer", ["SciFact"], max_per_source=10)  # seeded
+    assert (pairs, texts) == data_module.load_training_data(data, "transfer", ["SciFact"], max_per_source=10)  # seeded
     assert read and not any("/beir/" in p for p in read)
 
     read.clear()
-    pairs, texts = qm.load_training_data(data, "in-domain", ["SciFact"], max_per_source=10)
-    splits = qm.task_query_splits(data / "beir" / "scifact")
+    pairs, texts = data_module.load_training_data(data, "in-domain", ["SciFact"], max_per_source=10)
+    splits = data_module.task_query_splits(data / "beir" / "scifact")
     assert len(splits["validation"]) == 1 and len(splits["train"]) == 4  # 20% of the 5 train queries held out
     assert len(pairs["in-domain/SciFact"]) == 4 and not any(p.endswith("test.tsv") for p in read if "/beir/" in p)
     assert list(pairs) == ["in-domain/SciFact"] and len(texts["pairs/big"]) == 20  # general pairs only as texts
@@ -145,12 +147,12 @@ def test_training_data_is_balanced_and_transfer_never_reads_evaluated_tasks(tiny
 
 @pytest.mark.parametrize("folder", ["nfcorpus", "scifact"])
 def test_training_and_validation_queries_never_meet_test_queries(folder, shared_beir):
-    splits = qm.task_query_splits(shared_beir / folder)
-    test = set(qm.load_qrels(shared_beir / folder, "test"))
+    splits = data_module.task_query_splits(shared_beir / folder)
+    test = set(data_module.load_qrels(shared_beir / folder, "test"))
     validation, train = set(splits["validation"]), set(splits["train"])
     assert validation and train and not (validation & test) and not (train & test) and not (validation & train)
     if folder == "scifact":  # no dev split: a seeded 20% of train, the same every time
-        assert len(validation) == round(0.2 * 809) and splits == qm.task_query_splits(shared_beir / folder)
+        assert len(validation) == round(0.2 * 809) and splits == data_module.task_query_splits(shared_beir / folder)
 
 
 def test_info_nce_prefers_matched_pairs():
@@ -187,8 +189,8 @@ def test_training_with_pairs_and_each_activation_and_choice_on_validation():
 
 def test_embed_texts_reads_other_caches_instead_of_encoding_again(tmp_path, model):
     texts = ["a first sentence", "a second sentence"]
-    first = qm.embed_texts(model, texts, tmp_path / "task_documents")
-    again = qm.embed_texts(None, texts[::-1], tmp_path / "training", also=[tmp_path / "task_documents"])  # no model needed
+    first = encoders.embed_texts(model, texts, tmp_path / "task_documents")
+    again = encoders.embed_texts(None, texts[::-1], tmp_path / "training", also=[tmp_path / "task_documents"])  # no model needed
     assert np.array_equal(again, first[::-1])
 
 
@@ -216,7 +218,7 @@ def test_checkpoint_without_its_rotation_and_training_that_trains_nothing_are_re
     qm.save_quantizer(path, qm.QuantizationModuleStage1(384), {"base_model": "org/model"})
     meta = qm.safe_open(str(path), framework="pt").metadata()
     qm.save_file({"thresholds": torch.zeros(384)}, str(path), metadata=meta | {"method": "stage1_rotated"})
-    with pytest.raises(qm.UsageError, match="does not hold the tensors of a stage1_rotated quantiser"):
+    with pytest.raises(data_module.UsageError, match="does not hold the tensors of a stage1_rotated quantiser"):
         qm.load_quantizer(path, "org/model", 384)
     for args in (["--sim-weight", "0", "--methods", "stage1"], ["--contrastive-weight", "-1", "--methods", "stage1_rotated"],
                  ["--sim-weight", "nan", "--methods", "stage1"]):
