@@ -54,13 +54,12 @@ TEMPERATURE = 10.0  # sigmoid sharpness; MiniLM dimensions have a spread of abou
 ACTIVATIONS = ["sigmoid", "ste", "anneal"]  # ste: hard bits forward, sigmoid gradient backward
 ACTIVATION = "ste"  # best on validation (README, "What training can and cannot do")
 ANNEAL = (10.0, 300.0)  # temperature schedule of "anneal": geometric from soft to nearly hard over the epochs
-SIM_WEIGHT = 1.0  # similarity_preservation_loss
+SIM_WEIGHT = 1.0  # similarity_preservation_loss (each learned method's weights are in the registry, methods.py)
 CONTRASTIVE_WEIGHT = 0.0  # info_nce_loss on positive pairs; for thresholds alone it lowered validation nDCG@10 (README)
-LOSS_WEIGHTS = {"stage1": (SIM_WEIGHT, CONTRASTIVE_WEIGHT), "stage2": (SIM_WEIGHT, CONTRASTIVE_WEIGHT),
-                "stage1_rotated": (1.0, 1.0)}  # per method (similarity, contrastive); --sim/--contrastive-weight override
 NCE_TEMPERATURE = 0.05
 RANDOM_INITS = 5  # random threshold initialisations, besides zero and the per-dimension median
 GRAD_CLIP = 1.0
+ORTHOGONALITY_TOLERANCE = 1e-3  # a loaded rotation must satisfy |R R^T - I| <= this
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -167,7 +166,6 @@ class QuantizationModuleStage1Rotated(QuantizationModuleStage1):
         self.rotation.copy_(r)
 
 
-QUANTIZERS = {q.method: q for q in (QuantizationModuleStage1, QuantizationModuleStage2, QuantizationModuleStage1Rotated)}
 
 
 def to_signed(codes: torch.Tensor) -> torch.Tensor:
@@ -263,19 +261,6 @@ def train_quantization_stage2(embeddings, temperature: float = TEMPERATURE, **kw
     return quantizer
 
 
-@torch.no_grad()
-def retrieval_ndcg_at_10(quantizer, query_emb, doc_emb, query_ids, doc_ids, qrels, top: int = 100) -> float:
-    """nDCG@10 (mteb's metric) of ranking documents by Hamming distance of the quantiser's codes; float if None."""
-    from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores
-
-    q, d = torch.as_tensor(query_emb), torch.as_tensor(doc_emb)
-    if quantizer is not None:
-        q, d = to_signed(quantizer.quantize(q)), to_signed(quantizer.quantize(d))
-    scores, idx = torch.topk(q @ d.T, min(top, len(d)), dim=1)
-    results = {qid: {doc_ids[j]: s for j, s in zip(row_idx, row_scores)} for qid, row_idx, row_scores in zip(query_ids, idx.tolist(), scores.tolist())}
-    return calculate_retrieval_scores(results, qrels, [10]).ndcg["NDCG@10"]
-
-
 def initial_thresholds(name: str, x: torch.Tensor, seed: int) -> torch.Tensor:
     """zero, the per-dimension median, or random{i}: normal around 0 with half each dimension's spread."""
     if name == "zero":
@@ -286,11 +271,12 @@ def initial_thresholds(name: str, x: torch.Tensor, seed: int) -> torch.Tensor:
     return 0.5 * x.std(0) * torch.randn(x.shape[1], generator=g)
 
 
-def train_candidates(build, embeddings, validation: dict, n_random: int = RANDOM_INITS, seed: int = SEED, **train_kwargs):
+def train_candidates(build, embeddings, validate, n_random: int = RANDOM_INITS, seed: int = SEED, **train_kwargs):
     """Train one quantiser per initialisation (zero, median, random0..k-1); keep the best mean validation nDCG@10.
 
-    `build()` makes a fresh quantiser; `validation` maps task -> kwargs of retrieval_ndcg_at_10 (no quantizer).
-    Returns (best quantiser, its initialisation, {initialisation: {task: nDCG@10, "mean": ...}}).
+    `build()` makes a fresh quantiser; `validate(quantizer)` gives {task: validation nDCG@10}, ranked as the
+    evaluation ranks (methods.rank). Returns (best quantiser, its initialisation, {initialisation: {task: nDCG@10,
+    "mean": ...}}).
     """
     x = torch.as_tensor(embeddings, dtype=torch.float32)
     scores, best = {}, None
@@ -299,7 +285,7 @@ def train_candidates(build, embeddings, validation: dict, n_random: int = RANDOM
         with torch.no_grad():
             quantizer.thresholds.copy_(initial_thresholds(name, x, seed))
         train_quantizer(quantizer, x, seed=seed, verbose=False, **train_kwargs)
-        scores[name] = {task: retrieval_ndcg_at_10(quantizer, **v) for task, v in validation.items()}
+        scores[name] = validate(quantizer)
         scores[name]["mean"] = float(np.mean(list(scores[name].values())))
         print(f"  {quantizer.method} init {name:8s} validation nDCG@10 "
               + "  ".join(f"{t} {v:.4f}" for t, v in scores[name].items()))
@@ -318,28 +304,28 @@ def checkpoint_path(checkpoints_dir: Path, model_name: str, method: str, protoco
     return (folder if protocol == "transfer" else folder / protocol) / f"{method}.safetensors"
 
 
-def save_quantizer(path: Path, quantizer: QuantizationModuleStage1, metadata: dict) -> None:
-    """Write the parameters (thresholds, and a rotation if learned) with metadata (values as strings; dicts and
-    lists as JSON), atomically."""
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write tensors with metadata (values as strings; dicts and lists as JSON) atomically: a whole file or none."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"method": quantizer.method, "dimension": str(quantizer.embedding_dim), "temperature": str(quantizer.temperature)}
-    meta |= {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    tmp = path.with_suffix(".tmp")
-    tensors = {name: p.detach().contiguous() for name, p in quantizer.named_parameters()}  # thresholds [, rotation]
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file({k: t.detach().contiguous() for k, t in tensors.items()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path} ({e.strerror})") from None
 
 
-def load_quantizer(path: Path, model_name: str, embedding_dim: int, protocol: str | None = None,
-                   method: str | None = None) -> tuple[QuantizationModuleStage1, dict]:
-    """Load a checkpoint, refusing one that is missing, not safetensors, or made for another model, dimension, protocol
-    or (if given) method."""
+def load_checkpoint(path: Path, model_name: str, embedding_dim: int, protocol: str | None, method: str) -> tuple[dict, dict]:
+    """Read a checkpoint's tensors and metadata, refusing one that is missing, not safetensors, made for another model,
+    dimension, protocol or method, or holding non-finite values. Each refusal is a UsageError naming the file."""
     path = Path(path)
     if not path.is_file():
         transfer = protocol in (None, "transfer")
-        raise UsageError(f"no checkpoint at {path}; train one with: python quantization_modules.py --model {model_name} "
-                         f"--data-dir ../shared/data --out {path.parents[1] if transfer else path.parents[2]}"
+        raise UsageError(f"no checkpoint at {path}; make one with: python quantization_modules.py --model {model_name} "
+                         f"--methods {method} --out {path.parents[1] if transfer else path.parents[2]}"
                          + ("" if transfer else f" --protocol {protocol}"))
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -348,42 +334,73 @@ def load_quantizer(path: Path, model_name: str, embedding_dim: int, protocol: st
     except (SafetensorError, OSError, ValueError) as e:
         raise UsageError(f"{path} is not a safetensors checkpoint ({e}); pickled checkpoints are refused") from None
     if meta.get("base_model") != model_name:
-        raise UsageError(f"{path} was trained for model {meta.get('base_model')!r}, not {model_name!r}")
-    if "thresholds" not in tensors:
-        raise UsageError(f"{path} holds no thresholds tensor (has: {', '.join(sorted(tensors)) or 'none'})")
-    if meta.get("dimension") != str(embedding_dim) or tensors["thresholds"].shape != (embedding_dim,):
+        raise UsageError(f"{path} was made for model {meta.get('base_model')!r}, not {model_name!r}")
+    if meta.get("method") != method:
+        raise UsageError(f"{path} holds a {meta.get('method')} checkpoint, not {method}")
+    if meta.get("dimension") != str(embedding_dim):
         raise UsageError(f"{path} is for dimension {meta.get('dimension')}, but {model_name} gives {embedding_dim}")
-    if meta.get("method") not in QUANTIZERS:
-        raise UsageError(f"{path} has unknown method {meta.get('method')!r}")
-    if method is not None and meta["method"] != method:
-        raise UsageError(f"{path} holds a {meta['method']} quantiser, not {method}")
     if protocol is not None and meta.get("protocol", "transfer") != protocol:
-        raise UsageError(f"{path} was trained under protocol {meta.get('protocol')!r}, not {protocol!r}")
-    quantizer = QUANTIZERS[meta["method"]](embedding_dim, float(meta.get("temperature", TEMPERATURE)))
+        raise UsageError(f"{path} was made under protocol {meta.get('protocol')!r}, not {protocol!r}")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UsageError(f"{path}: tensor {name!r} holds {int((~torch.isfinite(tensor)).sum())} non-finite values")
+    return tensors, meta
+
+
+def save_quantizer(path: Path, quantizer: QuantizationModuleStage1, metadata: dict) -> None:
+    """Write a quantiser's parameters (thresholds, and a rotation if learned) with metadata saying what made them."""
+    meta = {"method": quantizer.method, "dimension": str(quantizer.embedding_dim), "temperature": str(quantizer.temperature)}
+    save_checkpoint(path, dict(quantizer.named_parameters()), meta | metadata)
+
+
+def load_quantizer(path: Path, model_name: str, embedding_dim: int, quantizer_class: type,
+                   protocol: str | None = None) -> tuple[QuantizationModuleStage1, dict]:
+    """Load a checkpoint of a `quantizer_class` quantiser (load_checkpoint's refusals), refusing also tensors whose
+    shapes disagree with the dimension, a rotation that is not orthogonal, and unparseable metadata."""
+    tensors, meta = load_checkpoint(path, model_name, embedding_dim, protocol, quantizer_class.method)
     try:
-        quantizer.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise UsageError(f"{path} does not hold the tensors of a {meta['method']} quantiser ({str(e).splitlines()[0]})") from None
+        temperature = float(meta.get("temperature", TEMPERATURE))
+    except ValueError:
+        raise UsageError(f"{path}: metadata temperature {meta['temperature']!r} is not a number") from None
+    quantizer = quantizer_class(embedding_dim, temperature)
+    want = {name: tuple(p.shape) for name, p in quantizer.named_parameters()}
+    have = {name: tuple(t.shape) for name, t in tensors.items()}
+    if want != have:
+        raise UsageError(f"{path} holds tensors {have}, but a {quantizer_class.method} quantiser of dimension "
+                         f"{embedding_dim} has {want}")
+    quantizer.load_state_dict(tensors)
+    if "rotation" in tensors:
+        error = (tensors["rotation"] @ tensors["rotation"].T - torch.eye(embedding_dim)).abs().max().item()
+        if error > ORTHOGONALITY_TOLERANCE:
+            raise UsageError(f"{path}: the rotation is not orthogonal (|R R^T - I| reaches {error:.3g})")
     return quantizer.eval(), meta
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# command line: embed training and validation texts once (cached), train every candidate, keep the best on validation
+# command line: embed training and validation texts once (cached), fit every method fitted on texts, train every
+# candidate of the learned quantisers and keep the best on validation
+
 
 def main(argv=None) -> None:
+    import methods  # the registry, which imports the quantisers above
+
+    fitted = [name for name in methods.METHODS if methods.make_method(name, methods.PROBE_DIM).fitted_on != "nothing"]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message}")
-    p.add_argument("--data-dir", type=Path, default=Path("../shared/data"), help="folder with pairs/, beir-small/ and beir/")
+    p.add_argument("--train-data", type=Path, default=Path("../shared/data"), help="folder with pairs/ and beir-small/ (fitting texts)")
+    p.add_argument("--data-dir", type=Path, default=Path("../shared/data/beir"),
+                   help="folder of the evaluated tasks' BEIR folders (validation; in-domain training), as in the evaluation")
     p.add_argument("--out", type=Path, default=Path("checkpoints"), help="checkpoints go to <out>/<model-slug>/[in-domain/]")
     p.add_argument("--protocol", default="transfer", choices=PROTOCOLS)
-    p.add_argument("--tasks", nargs="+", default=TASKS, help="evaluated tasks (folders in <data-dir>/beir): validation, in-domain data")
-    p.add_argument("--methods", nargs="+", default=list(QUANTIZERS), choices=list(QUANTIZERS))
+    p.add_argument("--tasks", nargs="+", default=TASKS, help="evaluated tasks (folders in --data-dir): validation, in-domain data")
+    p.add_argument("--methods", nargs="+", default=fitted, choices=fitted, metavar="METHOD",
+                   help=f"registry methods to fit or train (default: all): {', '.join(fitted)}")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--cache-dir", type=Path, default=Path(CACHE_DIR))
     p.add_argument("--max-per-source", type=int, default=MAX_PER_SOURCE)
     p.add_argument("--in-domain-pairs", type=int, default=IN_DOMAIN_PAIRS, help="in-domain pairs per evaluated task")
     p.add_argument("--activation", default=ACTIVATION, choices=ACTIVATIONS)
-    p.add_argument("--sim-weight", type=float, help=f"default per method: {LOSS_WEIGHTS}")
+    p.add_argument("--sim-weight", type=float, help="default per method: the registry's loss_weights")
     p.add_argument("--contrastive-weight", type=float, help="default per method, as --sim-weight")
     p.add_argument("--random-inits", type=int, default=RANDOM_INITS)
     p.add_argument("--epochs", type=int, default=EPOCHS)
@@ -400,16 +417,19 @@ def main(argv=None) -> None:
         if not value > 0:
             p.error(f"{name} must be positive, got {value}")
     try:
-        weights = {m: (LOSS_WEIGHTS[m][0] if args.sim_weight is None else args.sim_weight,
-                       LOSS_WEIGHTS[m][1] if args.contrastive_weight is None else args.contrastive_weight) for m in args.methods}
-        for method, (sim_weight, contrastive_weight) in weights.items():
+        trained = [m for m in args.methods if methods.make_method(m, methods.PROBE_DIM).fitted_on == "training"]
+        weights = {}
+        for name in trained:
+            default = methods.make_method(name, methods.PROBE_DIM).loss_weights
+            weights[name] = sim_weight, contrastive_weight = (default[0] if args.sim_weight is None else args.sim_weight,
+                                                              default[1] if args.contrastive_weight is None else args.contrastive_weight)
             if not (math.isfinite(sim_weight) and math.isfinite(contrastive_weight)) or min(sim_weight, contrastive_weight) < 0 \
                     or sim_weight == contrastive_weight == 0:
-                raise UsageError(f"{method}: loss weights must be >= 0 and not both 0, got similarity {sim_weight}, contrastive {contrastive_weight}")
+                raise UsageError(f"{name}: loss weights must be >= 0 and not both 0, got similarity {sim_weight}, contrastive {contrastive_weight}")
         check_writable(checkpoint_path(args.out, args.model, args.methods[0], args.protocol).parent, "checkpoint folder")
         check_writable(args.cache_dir, "embedding cache folder")
-        pairs_by_source, texts_by_source = load_training_data(args.data_dir, args.protocol, args.tasks, args.max_per_source,
-                                                              args.seed, args.in_domain_pairs)
+        pairs_by_source, texts_by_source = load_training_data(args.train_data, args.protocol, args.tasks, args.max_per_source,
+                                                              args.seed, args.in_domain_pairs, beir_dir=args.data_dir)
         print("training pairs: " + ", ".join(f"{k} {len(v):,}" for k, v in pairs_by_source.items()))
         print("extra training texts: " + ", ".join(f"{k} {len(v):,}" for k, v in texts_by_source.items()))
         texts = list(dict.fromkeys([t for v in pairs_by_source.values() for pair in v for t in pair] + [t for v in texts_by_source.values() for t in v]))
@@ -421,42 +441,67 @@ def main(argv=None) -> None:
         # validation: each evaluated task's validation queries against its whole corpus (cache shared with evaluation)
         validation, held_out = {}, {}
         for task in args.tasks:
-            folder = find_task_folder(args.data_dir / "beir", task)
+            folder = find_task_folder(args.data_dir, task)
             corpus, queries, _ = load_beir(folder)
             qrels = task_query_splits(folder, args.seed)["validation"]
             query_ids, doc_ids = [q for q in qrels if q in queries], list(corpus)
             if not query_ids:
                 raise UsageError(f"{task}: no validation queries (wanted qrels/dev.tsv, or qrels/train.tsv to hold some out, in {folder})")
             validation[task] = dict(
-                query_emb=embed_texts(model, [queries[q] for q in query_ids], slug_dir / task / "query"),
-                doc_emb=embed_texts(model, [document_text(corpus[d]) for d in doc_ids], slug_dir / task / "document"),
+                queries=embed_texts(model, [queries[q] for q in query_ids], slug_dir / task / "query"),
+                docs=embed_texts(model, [document_text(corpus[d]) for d in doc_ids], slug_dir / task / "document"),
                 query_ids=query_ids, doc_ids=doc_ids, qrels={q: qrels[q] for q in query_ids})
             held_out[task] = query_ids
         # in-domain texts are the tasks' own queries and documents: read from the task caches, not encoded again
         task_caches = [slug_dir / task / kind for task in args.tasks for kind in ("query", "document")]
         embeddings = embed_texts(model, texts, slug_dir / "_training", also=task_caches)
-        for name, quantizer in [("float", None), ("sign bits", QuantizationModuleStage1(embeddings.shape[1]))]:
-            print(f"{name:10s} validation nDCG@10 " + "  ".join(f"{t} {retrieval_ndcg_at_10(quantizer, **v):.4f}" for t, v in validation.items()))
+        dim = embeddings.shape[1]
+        sources = {k: len(v) for k, v in pairs_by_source.items()} | {k: len(v) for k, v in texts_by_source.items()}
+        common = {"base_model": args.model, "protocol": args.protocol, "dimension": str(dim), "seed": str(args.seed),
+                  "training_sources": sources, "validation_query_ids": held_out}
+
+        def validate(method, mode: str = "hamming") -> dict[str, float]:
+            """Mean-able validation nDCG@10 per task, ranked by the evaluation's own index and search."""
+            from mteb_adapter import ndcg_at_10
+
+            scores = {task: ndcg_at_10(methods.rank(method, mode, **{k: v[k] for k in ("docs", "queries", "doc_ids", "query_ids")}),
+                                       v["qrels"]) for task, v in validation.items()}
+            return scores | {"mean": float(np.mean(list(scores.values())))}
+
+        for name in ("float", "stage1_zero"):
+            print(f"{name:12s} validation nDCG@10 " + "  ".join(f"{t} {v:.4f}" for t, v in validate(methods.make_method(name, dim), next(iter(methods.make_method(name, dim).modes))).items()))
+
+        # methods fitted on the texts (seconds each): ranges, PCA, codebooks, centroids
+        for name in [m for m in args.methods if m not in trained]:
+            start, method = time.time(), methods.make_method(name, dim)
+            method.fit(embeddings)
+            path = checkpoint_path(args.out, args.model, method.checkpoint, args.protocol)
+            save_checkpoint(path, method.state(), common | {"method": name, "fitted_on": f"{len(embeddings):,} fitting texts",
+                                                            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+            print(f"{name}: fitted on {len(embeddings):,} texts in {time.time() - start:.1f}s -> {path}")
 
         train_kwargs = dict(pairs=pairs, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, activation=args.activation)
         start_all = time.time()
-        for method in args.methods:
-            start = time.time()
-            sim_weight, contrastive_weight = weights[method]
-            print(f"{method}: loss {sim_weight} * similarity_preservation + {contrastive_weight} * info_nce")
-            quantizer, init, scores = train_candidates(lambda: QUANTIZERS[method](embeddings.shape[1], args.temperature), embeddings,
-                                                       validation, args.random_inits, args.seed, sim_weight=sim_weight,
+        for name in trained:
+            start, method = time.time(), methods.make_method(name, dim)
+            sim_weight, contrastive_weight = weights[name]
+            print(f"{name}: loss {sim_weight} * similarity_preservation + {contrastive_weight} * info_nce")
+
+            def validate_quantizer(quantizer, method=method):
+                method.quantizer = quantizer.eval()
+                return validate(method)
+
+            quantizer, init, scores = train_candidates(lambda: method.quantizer_class(dim, args.temperature), embeddings,
+                                                       validate_quantizer, args.random_inits, args.seed, sim_weight=sim_weight,
                                                        contrastive_weight=contrastive_weight, **train_kwargs)
-            path = checkpoint_path(args.out, args.model, method, args.protocol)
-            save_quantizer(path, quantizer, {
-                "base_model": args.model, "protocol": args.protocol, "name": method, "initialisation": init,
+            path = checkpoint_path(args.out, args.model, method.checkpoint, args.protocol)
+            save_quantizer(path, quantizer, common | {
+                "name": name, "initialisation": init,
                 "loss": f"{sim_weight} * similarity_preservation + {contrastive_weight} * info_nce(t={NCE_TEMPERATURE})",
                 "activation": args.activation, "epochs": str(args.epochs), "lr": str(args.lr), "batch_size": str(args.batch_size),
-                "seed": str(args.seed), "training_sources": {k: len(v) for k, v in pairs_by_source.items()} | {k: len(v) for k, v in texts_by_source.items()},
-                "validation_ndcg_at_10": scores, "validation_query_ids": held_out,
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "validation_ndcg_at_10": scores, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             })
-            print(f"{method}: chose init {init} (validation mean nDCG@10 {scores[init]['mean']:.4f}); "
+            print(f"{name}: chose init {init} (validation mean nDCG@10 {scores[init]['mean']:.4f}); "
                   f"{len(scores)} candidates trained in {time.time() - start:.1f}s, {quantizer.bits_per_vector} bits -> {path}")
         print(f"training all candidates took {time.time() - start_all:.1f}s")
     except UsageError as e:

@@ -1,0 +1,119 @@
+"""The few places where this tool needs more of mteb than its public API, kept together.
+
+mteb 2.x has no public function for per-query nDCG, no public way to give a task local data, and a slow private
+step in its search wrapper. Each use is one function here; `check_mteb()` fails loudly, naming the mteb version,
+when an upgrade moves what they rely on (a test calls it).
+"""
+
+import mteb
+import pandas as pd
+from mteb.models.search_wrappers import SearchEncoderWrapper
+
+from data import UsageError, find_task_folder, load_beir
+
+TESTED_WITH = "2.26"  # the mteb release these adapters were written against
+
+
+def check_mteb() -> None:
+    """Raise RuntimeError naming the mteb version if the private pieces used below are gone or changed."""
+    try:
+        from mteb._create_dataloaders import _retrieval_texts  # noqa: F401
+        from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores  # noqa: F401
+        from mteb.abstasks.retrieval import AbsTaskRetrieval
+    except ImportError as e:
+        raise RuntimeError(f"mteb {mteb.__version__} (adapters tested with {TESTED_WITH}): {e}") from None
+    missing = [name for name, owner in [("_sort_full_corpus_results", SearchEncoderWrapper),
+                                         ("convert_v1_dataset_format_to_v2", AbsTaskRetrieval)] if not hasattr(owner, name)]
+    if missing:
+        raise RuntimeError(f"mteb {mteb.__version__} (adapters tested with {TESTED_WITH}) lacks {', '.join(missing)}")
+
+
+def retrieval_scores(results: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]):
+    """mteb's own retrieval metrics (pytrec_eval) of a ranking {query: {doc: score}}; `.all_scores` per query."""
+    from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores
+
+    return calculate_retrieval_scores(results, qrels, [10])
+
+
+def ndcg_at_10(results: dict, qrels: dict) -> float:
+    """Mean nDCG@10 over the queries of `qrels`, as mteb reports it."""
+    return retrieval_scores(results, qrels).ndcg["NDCG@10"]
+
+
+def per_query_ndcg(results: dict, qrels: dict) -> pd.Series:
+    """nDCG@10 of every query, with mteb's metric, indexed by query id."""
+    scores = retrieval_scores(results, qrels).all_scores
+    return pd.Series({qid: s["ndcg_cut_10"] for qid, s in scores.items()}).sort_index()
+
+
+def task_qrels(task, split: str) -> dict[str, dict[str, int]]:
+    """A loaded retrieval task's relevance judgements for a split (mteb 2.x's dataset layout)."""
+    return task.dataset["default"][split]["relevant_docs"]
+
+
+def task_texts(task) -> dict[str, list[str]]:
+    """Every text mteb will encode for a loaded retrieval task, by prompt type ("query", "document"): documents as
+    title and text joined, queries with their instructions, exactly as mteb's dataloaders build them."""
+    from mteb._create_dataloaders import _retrieval_texts
+    from mteb.types import PromptType
+
+    if task.dataset is None:  # local data arrives in mteb's v1 attributes; mteb converts them before evaluating
+        task.convert_v1_dataset_format_to_v2(num_proc=None)
+    texts = {"query": [], "document": []}
+    for subset in task.dataset.values():
+        for split in task.eval_splits:
+            texts["query"] += _retrieval_texts(subset[split]["queries"], PromptType.query)
+            texts["document"] += _retrieval_texts(subset[split]["corpus"], PromptType.document)
+    return {kind: list(dict.fromkeys(t)) for kind, t in texts.items()}
+
+
+def load_local_task(task, data_dir) -> None:
+    """Fill a task's data from `data_dir/<name>/` (BEIR layout, matched case-insensitively). mteb 2.x still converts
+    its v1 attributes (corpus, queries, relevant_docs) to its own layout, so the task keeps its name and evaluator."""
+    folder = find_task_folder(data_dir, task.metadata.name)
+    task.corpus, task.queries, task.relevant_docs = {}, {}, {}
+    for split in task.eval_splits:
+        task.corpus[split], task.queries[split], task.relevant_docs[split] = load_beir(folder, split)
+    task.data_loaded = True
+
+
+class RowSearch(SearchEncoderWrapper):
+    """mteb's SearchEncoderWrapper for one row of the table (its index backend searches as the row's method does),
+    keeping each task's rankings in memory for the per-query significance tests."""
+
+    def __init__(self, encoder, row: str, index):
+        super().__init__(encoder, index_backend=index)
+        self.mteb_model_meta = encoder.mteb_model_meta.model_copy(update=dict(revision=row))
+        self.rankings = {}
+
+    def search(self, queries, *, task_metadata, hf_split, **kwargs):
+        results = super().search(queries, task_metadata=task_metadata, hf_split=hf_split, **kwargs)
+        self.rankings[task_metadata.name, hf_split] = results
+        return results
+
+    def _sort_full_corpus_results(self, *, sub_corpus_ids, **kwargs):
+        # mteb indexes a datasets Column once per hit here (minutes for 300 queries x 1,000 hits); a list is instant
+        return super()._sort_full_corpus_results(sub_corpus_ids=list(sub_corpus_ids), **kwargs)
+
+
+def get_retrieval_tasks(names: list[str], data_dir=None) -> list:
+    """MTEB tasks by name, refusing non-retrieval ones; with `data_dir`, each reads its BEIR folder from there."""
+    names = list(dict.fromkeys(n for n in names if n.strip()))
+    if not names:
+        raise UsageError("no task names given to --tasks")
+    try:
+        tasks = list(mteb.get_tasks(tasks=names))
+    except KeyError as e:
+        raise UsageError(str(e.args[0]) if e.args else str(e)) from None
+    for task in tasks:
+        if task.metadata.type != "Retrieval":
+            raise UsageError(f"{task.metadata.name} is a {task.metadata.type} task; only Retrieval tasks are supported")
+        if data_dir is not None:
+            load_local_task(task, data_dir)
+        else:  # loaded once here, so mteb keeps it across rows (and its qrels stay readable for significance)
+            try:
+                task.load_data()
+            except Exception as e:  # noqa: BLE001 - offline, no such dataset, hub errors: all need --data-dir
+                raise UsageError(f"cannot load {task.metadata.name} from the Hugging Face hub ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); give --data-dir with a local BEIR copy") from None
+    return tasks

@@ -1,0 +1,333 @@
+"""Significance, the frontier report and the plot: what each byte of a compressed embedding buys.
+
+The evaluation calls this once it has run every row:
+
+    rows = add_statistics(rows, per_query, reference="float")
+    markdown = frontier_report(rows, per_query, title, "float", info)
+    png = plot(rows, title, info)
+
+`rows` is long form (task, split, method, metric, value): `method` is a row name such as "stage1_zero+asym", and the
+metrics include ndcg_at_10 and bytes_per_vector. `per_query` maps (task, split, row) to that row's nDCG@10 per query,
+indexed by query id. `info` maps each row name to {"method", "family", "mode", "learned", "keeps_float"}.
+"""
+
+import io
+from collections import Counter
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+RESAMPLES = 10_000  # paired randomisation test and bootstrap interval over per-query nDCG@10
+ALPHA = 0.05
+SEED = 0
+BASELINE = "stage1_zero"  # the untrained sign bits every row is also tested against
+BUDGETS = (36, 48, 64, 96, 192, 384)  # bytes per vector
+FAMILY_COLOURS = {"float": "black", "cast": "tab:gray", "scalar": "tab:blue", "pca": "tab:green", "binary": "tab:red",
+                  "pq": "tab:purple", "rabitq": "tab:orange"}  # another family gets the next free colour
+MODE_MARKERS = {"exact": "o", "hamming": "s", "asym": "^", "sym": "v", "rescore": "D", "rescore_int8": "d", "qb4": "P"}
+
+
+def paired_test(a: np.ndarray, b: np.ndarray, seed: int = SEED) -> tuple[float, float, float, float]:
+    """Paired comparison of two rows' per-query scores.
+
+    Args:
+        a: Scores of one row, one per query.
+        b: Scores of the other row for the same queries, in the same order.
+        seed: Seed of the resampling, so a rerun gives the same interval and p-value.
+
+    Returns:
+        mean(a - b), the low and high ends of its 95% percentile bootstrap interval, and the two-sided p-value of a
+        paired randomisation test (each query's difference flipped in sign at random; every flip is enumerated
+        when there are at most `RESAMPLES`). Identical scores give (0.0, 0.0, 0.0, 1.0).
+
+    Raises:
+        ValueError: If `a` and `b` differ in length.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores must have one value per query in both rows, got {a.shape} and {b.shape}")
+    diff = a - b
+    if np.allclose(diff, 0):
+        return 0.0, 0.0, 0.0, 1.0
+    # numpy, not scipy.stats.permutation_test / bootstrap: the same tests, vectorised; a full run needs ~140 of them
+    rng, n = np.random.default_rng(seed), len(diff)
+    exact = 2**n <= RESAMPLES
+    if exact:  # few queries: every sign flip
+        signs = 1 - 2 * ((np.arange(2**n)[:, None] >> np.arange(n)) & 1)
+    else:
+        signs = rng.choice(np.array([-1.0, 1.0]), size=(RESAMPLES, n))
+    extreme = np.sum(np.abs(signs @ diff / n) >= abs(diff.mean()) * (1 - 1e-9))  # tolerance: equal sums in float
+    p = extreme / len(signs) if exact else (extreme + 1) / (RESAMPLES + 1)  # random flips: the observed one counts too
+    low, high = np.percentile(diff[rng.integers(0, n, size=(RESAMPLES, n))].mean(axis=1), [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high), float(p)
+
+
+def aligned(per_query: dict, task: str, split: str, row: str, other: str) -> tuple[np.ndarray, np.ndarray]:
+    """The per-query nDCG@10 of two rows on one task, paired by query id.
+
+    Raises:
+        ValueError: If the two rows were scored on different queries.
+    """
+    a, b = per_query[task, split, row], per_query[task, split, other]
+    if set(a.index) != set(b.index):
+        raise ValueError(f"{row} and {other} were scored on different queries of {task} {split}")
+    return a.to_numpy(dtype=float), b.reindex(a.index).to_numpy(dtype=float)
+
+
+def add_statistics(rows: pd.DataFrame, per_query: dict[tuple[str, str, str], pd.Series], reference: str,
+                   baseline: str = BASELINE) -> pd.DataFrame:
+    """Retention and paired tests of every row against the reference and the baseline.
+
+    Args:
+        rows: Long form, columns task, split, method, metric, value (other columns are carried over); needs the
+            metric ndcg_at_10.
+        per_query: (task, split, row) -> that row's nDCG@10 per query, indexed by query id.
+        reference: The row retention is measured against ("float", or "float_adapted" in-domain).
+        baseline: A second row every row is tested against.
+
+    Returns:
+        `rows` plus, per task, split and row: `retention` (nDCG@10 / the reference's) when the reference was run, and
+        for each of reference and baseline that has per-query scores: `delta_vs_<it>` (mean per-query difference),
+        `delta_vs_<it>_ci_low`, `delta_vs_<it>_ci_high` (95% bootstrap interval) and `p_vs_<it>` (paired
+        randomisation test), from `paired_test`.
+    """
+    ndcg = rows[rows.metric == "ndcg_at_10"]
+    score = ndcg.set_index(["task", "split", "method"]).value
+    extra = []
+    for task, split, row in score.index:
+        if (task, split, reference) in score.index:
+            extra.append((task, split, row, "retention", score[task, split, row] / score[task, split, reference]))
+        for base in dict.fromkeys((reference, baseline)):
+            if (task, split, row) in per_query and (task, split, base) in per_query:
+                delta, low, high, p = paired_test(*aligned(per_query, task, split, row, base))
+                extra += [(task, split, row, f"delta_vs_{base}", delta), (task, split, row, f"delta_vs_{base}_ci_low", low),
+                          (task, split, row, f"delta_vs_{base}_ci_high", high), (task, split, row, f"p_vs_{base}", p)]
+    extra = pd.DataFrame(extra, columns=["task", "split", "method", "metric", "value"])
+    # other columns (e.g. protocol) are copied from the row's own ndcg_at_10 record
+    extra = extra.merge(ndcg.drop(columns=["metric", "value"]), on=["task", "split", "method"], how="left")
+    return pd.concat([rows, extra[rows.columns]], ignore_index=True)
+
+
+def column_labels(rows: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(task, split) -> its column label: the task's name, or "<task> <split>" when a task has several splits."""
+    pairs = list(dict.fromkeys(zip(rows.task, rows.split)))
+    splits = Counter(task for task, _ in pairs)
+    return {(task, split): task if splits[task] == 1 else f"{task} {split}" for task, split in pairs}
+
+
+def metric_table(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One metric as a frame: a row per row name (first-seen order), a column per task label (NaN where missing)."""
+    labels = column_labels(rows)
+    wide = rows[rows.metric == metric].set_index(["method", "task", "split"]).value.unstack(["task", "split"])
+    wide = wide.reindex(index=list(dict.fromkeys(rows.method)), columns=pd.MultiIndex.from_tuples(labels))
+    wide.columns = list(labels.values())
+    return wide
+
+
+def pareto_optimal(nbytes, quality) -> np.ndarray:
+    """True where no point with fewer or equal bytes has a higher quality, nor one with fewer bytes an equal quality.
+
+    Rows tied in both bytes and quality are all optimal; a row that only matches a smaller one is not. NaN quality is
+    never optimal.
+    """
+    nbytes, quality = np.asarray(nbytes, dtype=float), np.asarray(quality, dtype=float)
+    return np.array([not np.isnan(q) and not np.any(((nbytes <= b) & (quality > q)) | ((nbytes < b) & (quality == q)))
+                     for b, q in zip(nbytes, quality)], dtype=bool)
+
+
+def summarise(rows: pd.DataFrame, info: dict[str, dict]) -> pd.DataFrame:
+    """A row per row name, sorted by bytes (then best first): bytes, nDCG@10 per task, mean, learned, pareto.
+
+    `mean` is the mean nDCG@10 over tasks (NaN if the row lacks a task); `retention` (mean over tasks) is there when
+    `rows` has it. `pareto` is `pareto_optimal` by bytes and mean.
+
+    Raises:
+        ValueError: If a row has no entry in `info`.
+    """
+    missing = [row for row in dict.fromkeys(rows.method) if row not in info]
+    if missing:
+        raise ValueError(f"no info (family, mode, learned) for rows {missing}")
+    ndcg = metric_table(rows, "ndcg_at_10")
+    table = pd.DataFrame({"bytes": metric_table(rows, "bytes_per_vector").max(axis=1)}).join(ndcg)
+    table["mean"] = ndcg.mean(axis=1, skipna=False)
+    if "retention" in set(rows.metric):
+        table["retention"] = metric_table(rows, "retention").mean(axis=1, skipna=False)
+    table["learned"] = [bool(info[row].get("learned", False)) for row in table.index]
+    table["pareto"] = pareto_optimal(table.bytes, table["mean"])
+    table["order"] = range(len(table))
+    return table.sort_values(["bytes", "mean", "order"], ascending=[True, False, True]).drop(columns="order")
+
+
+def best_within(table: pd.DataFrame, budget: float, learned_only: bool = False) -> str | None:
+    """The row with the highest mean nDCG@10 among those with bytes <= budget (ties: the fewer bytes), or None."""
+    fits = table[(table.bytes <= budget) & table["mean"].notna() & (table.learned | (not learned_only))]
+    return None if fits.empty else fits["mean"].idxmax()  # first maximum in byte order
+
+
+def format_p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def format_cell(value: float, fmt: str) -> str:
+    return "" if pd.isna(value) else format(value, fmt)
+
+
+def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: str, info: dict[str, dict],
+                    budgets=BUDGETS, baseline: str = BASELINE) -> str:
+    """Markdown: every row by bytes with the Pareto-optimal ones marked, then the best row within each byte budget.
+
+    Args:
+        rows: Long form, as returned by `add_statistics` (without its metrics there are no marks, retention or Δ).
+        per_query: (task, split, row) -> per-query nDCG@10, for the paired tests of the budget table.
+        title: The report's heading.
+        reference: The row that retention and the * marks are against.
+        info: Row name -> {"family", "mode", "learned", ...}; `learned` marks learned-threshold rows.
+        budgets: Bytes per vector of the budget table.
+        baseline: The row of the † marks and the Δ columns.
+
+    Returns:
+        The report. The first table has a row per row name: bytes, nDCG@10 per task, the mean, the mean retention,
+        the difference from the baseline per task with its p-value, and a Pareto mark. The second has a row per
+        budget: the best row that fits, its retention, the best learned-threshold row that fits, and the paired test
+        of the one against the other per task.
+    """
+    table, labels = summarise(rows, info), list(column_labels(rows).values())
+    metrics = set(rows.metric)
+
+    # the main table: significance marks on each task's nDCG@10, Δ and p against the baseline
+    out = pd.DataFrame({"row": table.index, "bytes": table.bytes.map("{:,.0f}".format)}, index=table.index)
+    for label in labels:
+        out[label] = table[label].map(lambda v: format_cell(v, ".4f"))
+    marks = []
+    for base, mark in [(reference, "*"), (baseline, "†")]:
+        if f"p_vs_{base}" in metrics:
+            significant = metric_table(rows, f"p_vs_{base}").reindex(table.index) < ALPHA  # a row against itself: p = 1
+            for label in labels:
+                out[label] = out[label].where(~significant[label], out[label] + mark)
+            marks.append(f"{mark} differs from {base}")
+    explained = ["nDCG@10, rows by bytes per vector"]
+    if marks:
+        explained.append(f"{', '.join(marks)} (paired randomisation test, per-query nDCG@10, {RESAMPLES:,} resamples, p < {ALPHA})")
+    out["mean"] = table["mean"].map(lambda v: format_cell(v, ".4f"))
+    if "retention" in table:
+        out["retention"] = table.retention.map(lambda v: format_cell(v, ".1%"))
+        explained.append(f"retention: nDCG@10 / {reference}'s, mean over tasks")
+    if f"delta_vs_{baseline}" in metrics:
+        delta = metric_table(rows, f"delta_vs_{baseline}").reindex(table.index)
+        p = metric_table(rows, f"p_vs_{baseline}").reindex(table.index)
+        for label in labels:
+            out[f"Δ {label} (p)"] = [f"{d:+.4f} ({format_p(q)})" if not pd.isna(d) and row != baseline else ""
+                                     for row, d, q in zip(table.index, delta[label], p[label])]
+        explained.append(f"Δ: nDCG@10 − {baseline}'s (p)")
+    out["pareto"] = table.pareto.map({True: "◆", False: ""})
+    explained.append("◆ Pareto-optimal: no row with fewer or equal bytes has a higher mean, nor a smaller row an equal one")
+    lines = [f"## {title}", "", "; ".join(explained) + ".", "",
+             out.to_markdown(index=False, disable_numparse=True, colalign=["left"] + ["right"] * (out.shape[1] - 2) + ["center"]), ""]
+
+    # the budget table: the best row that fits, against the best learned-threshold row that fits
+    split_of = {label: key for key, label in column_labels(rows).items()}
+    budget_rows, tested = [], {}  # a pair of rows is often the best at several budgets: test it once
+    for budget in budgets:
+        best, learned = best_within(table, budget), best_within(table, budget, learned_only=True)
+        entry = {"budget": f"{budget:,} B", "best row": best or f"nothing fits in {budget:,} B", "bytes": "", "mean": ""}
+        if "retention" in table:
+            entry["retention"] = ""
+        entry["best learned"] = learned or "—"
+        if best is not None:
+            entry.update(bytes=f"{table.bytes[best]:,.0f}", mean=f"{table['mean'][best]:.4f}")
+            if "retention" in table:
+                entry["retention"] = format_cell(table.retention[best], ".1%")
+        better = []
+        for label in labels:
+            task, split = split_of[label]
+            if best is None or learned is None:
+                cell = "—"
+            elif best == learned:
+                cell = "same row"
+            elif (task, split, best) in per_query and (task, split, learned) in per_query:
+                if (task, split, best, learned) not in tested:
+                    tested[task, split, best, learned] = paired_test(*aligned(per_query, task, split, best, learned))
+                delta, _, _, p = tested[task, split, best, learned]
+                cell = f"{delta:+.4f} ({format_p(p)})" + ("*" if p < ALPHA else "")
+                better.append(delta > 0 and p < ALPHA)
+            else:
+                cell = "no per-query scores"
+            entry[f"Δ {label} (p)"] = cell
+        entry["sig. better"] = ("yes" if all(better) else "no") if len(better) == len(labels) else "—"
+        budget_rows.append(entry)
+    budget_table = pd.DataFrame(budget_rows)
+    align = ["left" if c in ("best row", "best learned") else "center" if c == "sig. better" else "right" for c in budget_table]
+    lines += ["### Best row within each budget", "",
+              "best row: highest mean nDCG@10 with bytes ≤ budget; best learned: the same among learned-threshold rows; "
+              f"Δ: best row − best learned, per task (p; * p < {ALPHA}); sig. better: significantly better on every task.", "",
+              budget_table.to_markdown(index=False, disable_numparse=True, colalign=align), ""]
+    return "\n".join(lines)
+
+
+def plot(rows: pd.DataFrame, title: str, info: dict[str, dict]) -> bytes:
+    """nDCG@10 against bytes per vector, one panel per task.
+
+    Args:
+        rows: Long form with the metrics ndcg_at_10 and bytes_per_vector.
+        title: The figure's title.
+        info: Row name -> {"family", "mode", "keeps_float", ...}: colour per family, marker per mode, hollow when the
+            row keeps float vectors besides its codes.
+
+    Returns:
+        A PNG. Log-scale bytes; each panel's frontier (the best nDCG@10 reachable at each size) is a step line, and
+        only the rows on it are named.
+    """
+    table, labels = summarise(rows, info), list(column_labels(rows).values())
+    families = list(dict.fromkeys(info[row]["family"] for row in table.index))
+    modes = list(dict.fromkeys(info[row]["mode"] for row in table.index))
+    families.sort(key=lambda f: list(FAMILY_COLOURS).index(f) if f in FAMILY_COLOURS else len(FAMILY_COLOURS))
+    modes.sort(key=lambda m: list(MODE_MARKERS).index(m) if m in MODE_MARKERS else len(MODE_MARKERS))
+    spare = iter(c for c in plt.get_cmap("tab20").colors if c not in FAMILY_COLOURS.values())
+    colours = {f: FAMILY_COLOURS.get(f) or next(spare) for f in families}
+    fig, axes = plt.subplots(1, len(labels), figsize=(6.5 * len(labels), 5.5), squeeze=False, layout="constrained")
+    for ax, label in zip(axes[0], labels):
+        panel = table[table[label].notna()]
+        on = panel[pareto_optimal(panel.bytes, panel[label])].sort_values("bytes")
+        steps = on[on[label] > on[label].cummax().shift(fill_value=-np.inf)]  # one point per rise of the frontier
+        ax.step([*steps.bytes, panel.bytes.max()], [*steps[label], steps[label].iloc[-1]], where="post",
+                color="tab:cyan", alpha=0.6, linewidth=2, zorder=1)
+        for row, r in panel.iterrows():
+            colour, hollow = colours[info[row]["family"]], info[row].get("keeps_float", False)
+            ax.plot(r.bytes, r[label], MODE_MARKERS.get(info[row]["mode"], "X"), color=colour, markersize=7,
+                    markerfacecolor="none" if hollow else colour, zorder=2)
+        # name the frontier rows up and to the left of their points, where no row can be (it would be on the frontier);
+        # a name too close above the previous one is lifted and joined to its point by a thin line
+        span = max(panel[label].max() - panel[label].min(), 1e-3)
+        name_y = -np.inf
+        for row, r in on.iterrows():
+            name_y = max(r[label] + 0.01 * span, name_y + 0.05 * span)
+            lifted = name_y > r[label] + 0.02 * span
+            ax.annotate(row, (r.bytes, r[label]), xytext=(r.bytes / 1.06, name_y), ha="right", va="bottom", fontsize=7,
+                        arrowprops=dict(arrowstyle="-", color="gray", linewidth=0.5) if lifted else None)
+        ax.set(xscale="log", xlabel="bytes per vector (log scale)", ylabel="nDCG@10", title=label)
+        left, right = panel.bytes.min() / 5, panel.bytes.max() * 1.5  # room on the left for the names
+        ticks = [*BUDGETS]
+        while ticks[-1] < panel.bytes.max():
+            ticks.append(2 * ticks[-1])  # 768, 1,536, ...
+        ticks = [b for b in ticks if left <= b <= right]
+        ax.set_xticks(ticks, [f"{b:,.0f}" for b in ticks], fontsize=8)
+        ax.minorticks_off()
+        ax.set_xlim(left, right)
+        ax.set_ylim(panel[label].min() - 0.05 * span, max(panel[label].max(), name_y) + 0.08 * span)
+        ax.grid(alpha=0.3)
+    fig.legend(handles=[Line2D([], [], marker="o", linestyle="", color=colours[f], label=f) for f in families],
+               loc="outside right upper", fontsize=8, title="family", title_fontsize=8)
+    fig.legend(handles=[Line2D([], [], marker=MODE_MARKERS.get(m, "X"), linestyle="", color="gray", label=m) for m in modes]
+               + [Line2D([], [], marker="o", linestyle="", color="gray", markerfacecolor="none", label="keeps float vectors"),
+                  Line2D([], [], color="tab:cyan", alpha=0.6, linewidth=2, label="frontier")],
+               loc="outside right lower", fontsize=8, title="mode", title_fontsize=8)
+    fig.suptitle(title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
