@@ -24,7 +24,7 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # resolved to the copy
 CACHE_DIR = ".cache/embeddings"  # float embeddings, keyed by model and text; git-ignored
 CHECKPOINTS_DIR = "checkpoints"
 BATCH_SIZE = 32
-PROGRESS_CHUNK = 512  # texts per model.encode call, so the progress bar counts texts and shows texts/s
+PROGRESS_CHUNK = 256  # texts per model.encode call, so the progress bar counts texts and shows texts/s
 PROGRESS_MIN = 256  # fewer texts than this: no progress bar unless asked
 
 

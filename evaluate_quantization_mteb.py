@@ -68,18 +68,17 @@ def encode_missing_texts(tasks: list, st_model, slug_dir: Path, batch_size: int,
     every row reads (mteb's CachedEmbeddingWrapper layout: <cache>/<model-slug>/<task>/<query|document>), with a
     progress bar in texts. Models with prompts are left to mteb, which knows which prompt each text gets."""
     prompted = any(getattr(st_model, "prompts", {}).values())
+    missing = {}
     for task in tasks:
         name, texts = task.metadata.name, task_texts(task)
         cached = {kind: count_cached(t, slug_dir / name / kind) for kind, t in texts.items()}
         total, done = sum(map(len, texts.values())), sum(cached.values())
         print(f"{name}: {total:,} texts ({len(texts['document']):,} documents, {len(texts['query']):,} queries), "
               f"{done:,} cached, {total - done:,} to encode" + (" (by mteb, with the model's prompts)" if prompted else ""))
-        if prompted:
-            continue
-        for kind, kind_texts in texts.items():
-            if cached[kind] < len(kind_texts):
-                embed_texts(st_model, kind_texts, slug_dir / name / kind, batch_size=batch_size, devices=devices,
-                            desc=f"encoding {name} {kind}s")
+        missing |= {(name, kind): t for kind, t in texts.items() if cached[kind] < len(t) and not prompted}
+    for (name, kind), texts in missing.items():
+        embed_texts(st_model, texts, slug_dir / name / kind, batch_size=batch_size, devices=devices,
+                    desc=f"encoding {name} {'queries' if kind == 'query' else 'documents'}")
 
 
 def main(argv=None) -> None:

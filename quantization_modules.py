@@ -43,7 +43,7 @@ from data import (
     load_training_data,
     task_query_splits,
 )
-from encoders import CACHE_DIR, DEFAULT_MODEL, embed_texts, load_base_model, model_slug
+from encoders import CACHE_DIR, DEFAULT_MODEL, embed_texts, load_base_model, load_encoder, model_slug, quiet_libraries  # noqa: F401 (load_encoder: the library entry point, importable from here)
 
 # ---------------------------------------------------------------------------------------------------------------
 # defaults (override on the command line)
@@ -280,14 +280,14 @@ def train_candidates(build, embeddings, validate, n_random: int = RANDOM_INITS, 
     """
     x = torch.as_tensor(embeddings, dtype=torch.float32)
     scores, best = {}, None
-    for name in ["zero", "median"] + [f"random{i}" for i in range(n_random)]:
+    for name in tqdm(["zero", "median"] + [f"random{i}" for i in range(n_random)], desc="candidates", leave=False):
         quantizer = build()
         with torch.no_grad():
             quantizer.thresholds.copy_(initial_thresholds(name, x, seed))
         train_quantizer(quantizer, x, seed=seed, verbose=False, **train_kwargs)
         scores[name] = validate(quantizer)
         scores[name]["mean"] = float(np.mean(list(scores[name].values())))
-        print(f"  {quantizer.method} init {name:8s} validation nDCG@10 "
+        tqdm.write(f"  {quantizer.method} init {name:8s} validation nDCG@10 "
               + "  ".join(f"{t} {v:.4f}" for t, v in scores[name].items()))
         if best is None or scores[name]["mean"] > scores[best[0]]["mean"]:
             best = (name, quantizer)
@@ -347,10 +347,14 @@ def load_checkpoint(path: Path, model_name: str, embedding_dim: int, protocol: s
     return tensors, meta
 
 
+def quantizer_metadata(quantizer: QuantizationModuleStage1) -> dict:
+    """What a checkpoint must say to rebuild the quantiser: its kind, dimension and temperature."""
+    return {"method": quantizer.method, "dimension": str(quantizer.embedding_dim), "temperature": str(quantizer.temperature)}
+
+
 def save_quantizer(path: Path, quantizer: QuantizationModuleStage1, metadata: dict) -> None:
     """Write a quantiser's parameters (thresholds, and a rotation if learned) with metadata saying what made them."""
-    meta = {"method": quantizer.method, "dimension": str(quantizer.embedding_dim), "temperature": str(quantizer.temperature)}
-    save_checkpoint(path, dict(quantizer.named_parameters()), meta | metadata)
+    save_checkpoint(path, dict(quantizer.named_parameters()), quantizer_metadata(quantizer) | metadata)
 
 
 def load_quantizer(path: Path, model_name: str, embedding_dim: int, quantizer_class: type,
@@ -408,7 +412,11 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--device", nargs="+", help="cuda, cuda:0, mps, cpu (default: the fastest here); several encode in parallel")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' warnings and logs")
     args = p.parse_args(argv)
+    if not args.verbose:
+        quiet_libraries()
     for name, value, low in [("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1), ("--random-inits", args.random_inits, 0),
                              ("--max-per-source", args.max_per_source, 1), ("--in-domain-pairs", args.in_domain_pairs, 1)]:
         if value < low:
@@ -435,26 +443,31 @@ def main(argv=None) -> None:
         texts = list(dict.fromkeys([t for v in pairs_by_source.values() for pair in v for t in pair] + [t for v in texts_by_source.values() for t in v]))
         row = {t: i for i, t in enumerate(texts)}
         pairs = tuple(torch.tensor(c) for c in zip(*[(row[a], row[b], i) for i, v in enumerate(pairs_by_source.values()) for a, b in v]))
-        model = load_base_model(args.model)
-        slug_dir = args.cache_dir / model_slug(args.model)
-
-        # validation: each evaluated task's validation queries against its whole corpus (cache shared with evaluation)
-        validation, held_out = {}, {}
+        # validation: each evaluated task's validation queries against its whole corpus (read before the model loads)
+        held_out, task_data = {}, {}
         for task in args.tasks:
             folder = find_task_folder(args.data_dir, task)
             corpus, queries, _ = load_beir(folder)
             qrels = task_query_splits(folder, args.seed)["validation"]
-            query_ids, doc_ids = [q for q in qrels if q in queries], list(corpus)
-            if not query_ids:
+            held_out[task] = [q for q in qrels if q in queries]
+            if not held_out[task]:
                 raise UsageError(f"{task}: no validation queries (wanted qrels/dev.tsv, or qrels/train.tsv to hold some out, in {folder})")
+            task_data[task] = corpus, queries, {q: qrels[q] for q in held_out[task]}
+        model = load_base_model(args.model, args.device[0] if args.device else None)
+        print(f"device {model.device}; methods: {', '.join(args.methods)}")
+        slug_dir = args.cache_dir / model_slug(args.model)
+        validation = {}  # the embeddings share the evaluation's task caches
+        for task, (corpus, queries, qrels) in task_data.items():
             validation[task] = dict(
-                queries=embed_texts(model, [queries[q] for q in query_ids], slug_dir / task / "query"),
-                docs=embed_texts(model, [document_text(corpus[d]) for d in doc_ids], slug_dir / task / "document"),
-                query_ids=query_ids, doc_ids=doc_ids, qrels={q: qrels[q] for q in query_ids})
-            held_out[task] = query_ids
+                queries=embed_texts(model, [queries[q] for q in held_out[task]], slug_dir / task / "query", devices=args.device,
+                                    desc=f"encoding {task} validation queries"),
+                docs=embed_texts(model, [document_text(d) for d in corpus.values()], slug_dir / task / "document",
+                                 devices=args.device, desc=f"encoding {task} documents"),
+                query_ids=held_out[task], doc_ids=list(corpus), qrels=qrels)
         # in-domain texts are the tasks' own queries and documents: read from the task caches, not encoded again
         task_caches = [slug_dir / task / kind for task in args.tasks for kind in ("query", "document")]
-        embeddings = embed_texts(model, texts, slug_dir / "_training", also=task_caches)
+        embeddings = embed_texts(model, texts, slug_dir / "_training", also=task_caches, devices=args.device,
+                                 desc="encoding training texts")
         dim = embeddings.shape[1]
         sources = {k: len(v) for k, v in pairs_by_source.items()} | {k: len(v) for k, v in texts_by_source.items()}
         common = {"base_model": args.model, "protocol": args.protocol, "dimension": str(dim), "seed": str(args.seed),
@@ -471,14 +484,16 @@ def main(argv=None) -> None:
         for name in ("float", "stage1_zero"):
             print(f"{name:12s} validation nDCG@10 " + "  ".join(f"{t} {v:.4f}" for t, v in validate(methods.make_method(name, dim), next(iter(methods.make_method(name, dim).modes))).items()))
 
-        # methods fitted on the texts (seconds each): ranges, PCA, codebooks, centroids
+        # methods fitted on the texts (seconds each): ranges, PCA, codebooks, centroids. Every checkpoint is written
+        # at the end, together, so an interrupted run leaves the previous set whole rather than a mix of two runs
+        to_save = []  # (path, tensors, metadata)
+        date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         for name in [m for m in args.methods if m not in trained]:
             start, method = time.time(), methods.make_method(name, dim)
             method.fit(embeddings)
-            path = checkpoint_path(args.out, args.model, method.checkpoint, args.protocol)
-            save_checkpoint(path, method.state(), common | {"method": name, "fitted_on": f"{len(embeddings):,} fitting texts",
-                                                            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-            print(f"{name}: fitted on {len(embeddings):,} texts in {time.time() - start:.1f}s -> {path}")
+            to_save.append((checkpoint_path(args.out, args.model, method.checkpoint, args.protocol), method.state(),
+                            common | {"method": name, "fitted_on": f"{len(embeddings):,} fitting texts", "date": date}))
+            print(f"{name}: fitted on {len(embeddings):,} texts in {time.time() - start:.1f}s")
 
         train_kwargs = dict(pairs=pairs, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, activation=args.activation)
         start_all = time.time()
@@ -495,17 +510,22 @@ def main(argv=None) -> None:
                                                        validate_quantizer, args.random_inits, args.seed, sim_weight=sim_weight,
                                                        contrastive_weight=contrastive_weight, **train_kwargs)
             path = checkpoint_path(args.out, args.model, method.checkpoint, args.protocol)
-            save_quantizer(path, quantizer, common | {
+            to_save.append((path, dict(quantizer.named_parameters()), quantizer_metadata(quantizer) | common | {
                 "name": name, "initialisation": init,
                 "loss": f"{sim_weight} * similarity_preservation + {contrastive_weight} * info_nce(t={NCE_TEMPERATURE})",
                 "activation": args.activation, "epochs": str(args.epochs), "lr": str(args.lr), "batch_size": str(args.batch_size),
-                "validation_ndcg_at_10": scores, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            })
+                "validation_ndcg_at_10": scores, "date": date,
+            }))
             print(f"{name}: chose init {init} (validation mean nDCG@10 {scores[init]['mean']:.4f}); "
-                  f"{len(scores)} candidates trained in {time.time() - start:.1f}s, {quantizer.bits_per_vector} bits -> {path}")
+                  f"{len(scores)} candidates trained in {time.time() - start:.1f}s, {quantizer.bits_per_vector} bits")
         print(f"training all candidates took {time.time() - start_all:.1f}s")
+        for path, tensors, metadata in to_save:
+            save_checkpoint(path, tensors, metadata)
+        print(f"wrote {len(to_save)} checkpoints to {checkpoint_path(args.out, args.model, 'x', args.protocol).parent}")
     except UsageError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted; no checkpoint was written (a rerun encodes nothing the cache already holds)")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,27 @@
-"""Shared fixtures: the real packaged model, a tiny BEIR folder written here, and a slice of the real SciFact."""
+"""Shared fixtures: the real packaged model, a tiny BEIR folder written here, a slice of the real SciFact, real
+fitting texts, and one run of the real training command whose checkpoints the other tests load."""
 
+import contextlib
+import io
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import faiss
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SHARED_BEIR = ROOT.parent / "shared" / "data" / "beir"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_BEIR = SHARED_DATA / "beir"
+FITTING_PAIRS = 300  # quora pairs: about 600 fitting texts, as PQ's 256 centroids per sub-quantiser need at least 256
 
+import data  # noqa: E402
+import encoders  # noqa: E402
+import methods  # noqa: E402
 import quantization_modules as qm  # noqa: E402
 
 # A tiny retrieval set: each query has one relevant document, the rest are distractors on other topics.
@@ -42,14 +53,27 @@ def write_beir(folder: Path, corpus: dict, queries: dict, qrels: list[tuple[str,
     with open(folder / "queries.jsonl", "w") as f:
         for qid, text in queries.items():
             f.write(json.dumps({"_id": qid, "text": text}) + "\n")
+    write_qrels(folder, split, qrels)
+    return folder
+
+
+def write_qrels(folder: Path, split: str, qrels: list[tuple[str, str, int]]) -> None:
     with open(folder / "qrels" / f"{split}.tsv", "w") as f:
         f.write("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in qrels))
-    return folder
+
+
+def require(path: Path) -> Path:
+    """A path under ../shared; a skip when it is absent, a failure when REQUIRE_SHARED_DATA is set (as in CI)."""
+    if not path.exists():
+        if os.environ.get("REQUIRE_SHARED_DATA"):
+            pytest.fail(f"{path} is missing and REQUIRE_SHARED_DATA is set")
+        pytest.skip(f"{path} is not here")
+    return path
 
 
 @pytest.fixture(scope="session")
 def model():
-    return qm.load_base_model(qm.DEFAULT_MODEL)
+    return encoders.load_base_model(encoders.DEFAULT_MODEL)
 
 
 @pytest.fixture
@@ -68,10 +92,7 @@ def tiny_beir(tmp_path) -> Path:
 def shared_beir() -> Path:
     """../shared/data/beir; a skip when it is absent, a failure when REQUIRE_SHARED_DATA is set (as in CI)."""
     for task in ("nfcorpus", "scifact"):
-        if not (SHARED_BEIR / task).is_dir():
-            if os.environ.get("REQUIRE_SHARED_DATA"):
-                pytest.fail(f"{SHARED_BEIR / task} is missing and REQUIRE_SHARED_DATA is set")
-            pytest.skip(f"{SHARED_BEIR / task} is not here")
+        require(SHARED_BEIR / task)
     return SHARED_BEIR
 
 
@@ -79,7 +100,7 @@ def shared_beir() -> Path:
 def scifact_slice(tmp_path_factory, shared_beir) -> Path:
     """The first 60 SciFact test queries, their relevant documents and 400 other documents, from ../shared."""
     source = shared_beir / "scifact"
-    corpus, queries, qrels = qm.load_beir(source, "test")
+    corpus, queries, qrels = data.load_beir(source, "test")
     qids = sorted(qrels, key=int)[:60]
     relevant = {d for q in qids for d in qrels[q]}
     others = [d for d in corpus if d not in relevant][:400]
@@ -87,3 +108,175 @@ def scifact_slice(tmp_path_factory, shared_beir) -> Path:
     write_beir(folder, {d: corpus[d] for d in [*relevant, *others]}, {q: queries[q] for q in qids},
                [(q, d, s) for q in qids for d, s in qrels[q].items()])
     return folder.parent
+
+
+@pytest.fixture(scope="session")
+def embedding_cache(tmp_path_factory) -> Path:
+    """One float-embedding cache for the session: each real text is encoded once, whichever test asks first."""
+    return tmp_path_factory.mktemp("embeddings")
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory) -> Path:
+    """A --train-data folder: pairs/quora.jsonl, the first FITTING_PAIRS pairs of the shared quora duplicates."""
+    source = require(SHARED_DATA / "pairs" / "quora-duplicates.jsonl")
+    folder = tmp_path_factory.mktemp("train")
+    (folder / "pairs").mkdir()
+    with open(source) as f:
+        (folder / "pairs" / "quora.jsonl").write_text("".join(next(f) for _ in range(FITTING_PAIRS)))
+    return folder
+
+
+def slice_copy(scifact_slice: Path, folder: Path, duplicates: int = 0) -> tuple[Path, dict]:
+    """The SciFact slice copied to `folder`/scifact, with `duplicates` relevant documents repeated under new ids (exact
+    ties for every method). Returns (data dir, test qrels)."""
+    corpus, queries, qrels = data.load_beir(scifact_slice / "scifact", "test")
+    relevant = list(dict.fromkeys(d for q in sorted(qrels, key=int) for d in qrels[q]))[:duplicates]
+    corpus |= {f"copy-{d}": corpus[d] for d in relevant}
+    write_beir(folder / "scifact", corpus, queries, [(q, d, s) for q in qrels for d, s in qrels[q].items()])
+    return folder, qrels
+
+
+@pytest.fixture(scope="session")
+def task_with_ties(scifact_slice, tmp_path_factory) -> Path:
+    """The SciFact slice plus exact copies of 10 relevant documents, with its test qrels also as qrels/dev.tsv: the
+    training command validates on exactly the queries the evaluation reports, and every method has tied scores."""
+    folder, qrels = slice_copy(scifact_slice, tmp_path_factory.mktemp("ties"), duplicates=10)
+    shutil.copy(folder / "scifact" / "qrels" / "test.tsv", folder / "scifact" / "qrels" / "dev.tsv")
+    return folder
+
+
+@contextlib.contextmanager
+def one_faiss_thread():
+    """faiss on one OpenMP thread: on two cores shared with other jobs, two threads made k-means and PCA 2-10x slower
+    (bench_search.py does the same). The results do not depend on it."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+@pytest.fixture
+def faiss_one_thread():
+    """A test on one faiss thread (see one_faiss_thread); for the modules that say so with pytestmark."""
+    with one_faiss_thread():
+        yield
+
+
+def quick_opq(dim: int, make=methods.METHODS["opq48"]):
+    """opq48 with one OPQ iteration: its 50 take minutes on two cores whatever the number of texts."""
+    method = make(dim)
+    opq = faiss.downcast_VectorTransform(method.index.chain.at(0))
+    opq.niter, opq.niter_pq_0 = 1, 4
+    return method
+
+
+OPENED: list[Path] | None = None  # while a list, every file Python opens is appended (an audit hook: nothing escapes it)
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if event == "open" and OPENED is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        OPENED.append(Path(os.fsdecode(args[0])).resolve())
+
+
+sys.addaudithook(_record_opens)
+
+
+def run_training(args: list[str]) -> SimpleNamespace:
+    """The training command with `args`, recording every file it opens, every text it embeds (with the cache it goes
+    to) and the number of rows each fit and each training receives."""
+    global OPENED
+    embedded, fitted_rows = [], {}
+
+    def spy(owner, name, record):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            record(*args, **kwargs)
+            return original(*args, **kwargs)
+        patch.setattr(owner, name, wrapper)
+
+    with pytest.MonkeyPatch.context() as patch:
+        spy(qm, "embed_texts", lambda model, texts, cache, *a, **k: embedded.append((Path(cache).name, list(texts))))
+        for cls in (methods.FaissCodes, methods.PCA, methods.BinaryCodes):
+            spy(cls, "fit", lambda self, x: fitted_rows.__setitem__(self.name, len(x)))
+        spy(qm, "train_candidates", lambda build, x, *a, **k: fitted_rows.__setitem__(build().method, len(x)))
+        patch.setitem(methods.METHODS, "opq48", quick_opq)
+        out, OPENED = io.StringIO(), []
+        try:
+            with contextlib.redirect_stdout(out), one_faiss_thread():
+                qm.main(args)
+        finally:
+            opened, OPENED = OPENED, None
+    return SimpleNamespace(stdout=out.getvalue(), opened=opened, embedded=embedded, fitted_rows=fitted_rows)
+
+
+@pytest.fixture(scope="session")
+def fitted(train_data, task_with_ties, embedding_cache, tmp_path_factory) -> SimpleNamespace:
+    """The training command, transfer, on the real fitting texts: every fitted and trained method of the registry
+    (two candidates each, two epochs), validated on task_with_ties. `.checkpoints` is its --out folder; `.opened`,
+    `.embedded`, `.fitted_rows` and `.stdout` record what it opened, embedded, fitted on and printed."""
+    out = tmp_path_factory.mktemp("checkpoints")
+    run = run_training(["--train-data", str(train_data), "--data-dir", str(task_with_ties), "--tasks", "SciFact",
+                        "--out", str(out), "--cache-dir", str(embedding_cache), "--random-inits", "0", "--epochs", "2"])
+    run.checkpoints, run.data_dir = out, task_with_ties
+    return run
+
+
+@pytest.fixture(scope="session")
+def in_domain_task(scifact_slice, tmp_path_factory) -> Path:
+    """The SciFact slice with its 60 queries split three ways: dev (validation), train (in-domain training), test."""
+    folder, qrels = slice_copy(scifact_slice, tmp_path_factory.mktemp("in-domain"))
+    qids = sorted(qrels, key=int)
+    for split, chosen in (("dev", qids[:20]), ("train", qids[20:40]), ("test", qids[40:])):
+        write_qrels(folder / "scifact", split, [(q, d, s) for q in chosen for d, s in qrels[q].items()])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fitted_in_domain(train_data, in_domain_task, embedding_cache, tmp_path_factory) -> SimpleNamespace:
+    """The training command, in-domain, for stage1_trained and int8 (its +rescore_int8 row needs it): as `fitted`."""
+    out = tmp_path_factory.mktemp("checkpoints-in-domain")
+    run = run_training(["--train-data", str(train_data), "--data-dir", str(in_domain_task), "--tasks", "SciFact",
+                        "--protocol", "in-domain", "--methods", "stage1_trained", "int8", "--out", str(out),
+                        "--cache-dir", str(embedding_cache), "--random-inits", "0", "--epochs", "2"])
+    run.checkpoints, run.data_dir = out, in_domain_task
+    return run
+
+
+def evaluate(*args) -> str:
+    """The evaluation command with `args`; returns what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), one_faiss_thread():
+        import evaluate_quantization_mteb as ev  # its import makes every registry method once: one thread too
+
+        ev.main([str(a) for a in args])
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def evaluated(fitted, embedding_cache, tmp_path_factory) -> SimpleNamespace:
+    """The evaluation command on task_with_ties: every registry method in every mode, with the checkpoints of `fitted`.
+    `.output` is its --output folder, `.rows` its latest.csv, `.stdout` what it printed."""
+    import pandas as pd
+
+    output = tmp_path_factory.mktemp("results")
+    stdout = evaluate("--tasks", "SciFact", "--data-dir", fitted.data_dir, "--checkpoints", fitted.checkpoints,
+                      "--cache-dir", embedding_cache, "--output", output)
+    return SimpleNamespace(output=output, rows=pd.read_csv(output / "latest.csv"), stdout=stdout)
+
+
+@pytest.fixture(scope="session")
+def task_embeddings(fitted, embedding_cache) -> dict:
+    """task_with_ties as the evaluation sees it: float embeddings of its documents and (test) queries, read from the
+    session cache (nothing is encoded again), with ids and qrels; and the embeddings of the fitting texts."""
+    corpus, queries, qrels = data.load_beir(fitted.data_dir / "scifact", "test")
+    slug = embedding_cache / encoders.model_slug(encoders.DEFAULT_MODEL)
+    fitting_texts = next(texts for cache, texts in fitted.embedded if cache == "_training")
+    return dict(
+        docs=encoders.embed_texts(None, [data.document_text(corpus[d]) for d in corpus], slug / "SciFact" / "document"),
+        queries=encoders.embed_texts(None, list(queries.values()), slug / "SciFact" / "query"),
+        fitting=encoders.embed_texts(None, fitting_texts, slug / "_training"),
+        doc_ids=list(corpus), query_ids=list(queries), qrels=qrels)

@@ -3,6 +3,7 @@ force over faiss's own reconstructions, faiss.IndexShards), bytes as faiss store
 command line. Real code at small N; no timing asserts (times depend on the machine)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -159,12 +160,16 @@ def test_shards_search_with_the_callers_thread_count():
             seen.append(faiss.omp_get_max_threads())
             return np.zeros((len(x), k), np.float32), np.zeros((len(x), k), np.int64)
 
-    shards = bs.Shards([Part(), Part()])
+    shards = bs.Shards([Part(), Part(), Part()])
     for threads in (1, 2, 1):
         faiss.omp_set_num_threads(threads)
         shards.search(np.zeros((1, 4), np.float32), 3)
-        assert seen[-2:] == [threads, threads]  # faiss.IndexShards' workers would keep OpenMP's default
+        assert seen[-3:] == [threads] * 3  # faiss.IndexShards' workers would keep OpenMP's default
     faiss.omp_set_num_threads(bs.THREADS)
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = [thread.submit(os.sched_getaffinity, 0).result() for thread in shards.threads]
+    assert pinned == [{cpus[1 % len(cpus)]}, {cpus[2 % len(cpus)]}]  # shard j's thread on the j-th CPU
+    assert os.sched_getaffinity(0) == set(cpus)  # the caller (shard 0) is not pinned
 
 
 def test_int8_rescoring_of_every_document_equals_brute_force_on_decoded_int8(corpus, trained):

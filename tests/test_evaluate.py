@@ -1,6 +1,10 @@
-"""End-to-end tests of evaluate_quantization_mteb.py: every method through mteb, Hamming-exact scoring, bad input."""
+"""The evaluation command end to end: every registry method through mteb on a slice of the real SciFact (conftest
+`evaluated`), its numbers against mteb's own JSON and against the ranking training validates with, the in-domain
+protocol, and every kind of bad input and bad checkpoint refused with one line and nothing written."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,117 +12,135 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sentence_transformers.util.quantization import quantize_embeddings
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-import evaluate_quantization_mteb as ev
-import encoders
+import methods
+import mteb_adapter
 import quantization_modules as qm
-from conftest import ROOT, TINY_DOCS, TINY_QUERIES
+from conftest import ROOT, evaluate, one_faiss_thread
+from encoders import DEFAULT_MODEL, model_slug
+from test_methods import BITS, STORED_BYTES
+
+with one_faiss_thread():  # its import makes every registry method once
+    import evaluate_quantization_mteb as ev
+
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
+BINARY = ["stage1_zero", "lsh384", "pca288_sign", "stage1_trained", "stage1_rotated", "stage2_trained"]
 
 
-@pytest.fixture
-def checkpoints(tmp_path, model):
-    """Every quantiser trained briefly on the tiny texts' real embeddings, saved as the command line would."""
-    texts = [t + " " + x for t, x in TINY_DOCS.values()] + [q for q, _ in TINY_QUERIES.values()]
-    embeddings = encoders.embed_texts(model, texts, tmp_path / "cache" / "_training")
-    for method, build in qm.QUANTIZERS.items():
-        quantizer = build(embeddings.shape[1])
-        qm.train_quantizer(quantizer, embeddings, epochs=3, batch_size=8, verbose=False)
-        qm.save_quantizer(qm.checkpoint_path(tmp_path / "ckpt", qm.DEFAULT_MODEL, method), quantizer, {"base_model": qm.DEFAULT_MODEL})
-    return tmp_path / "ckpt"
+def metric(rows: pd.DataFrame, name: str) -> pd.Series:
+    return rows[rows.metric == name].set_index("method").value
 
 
-def run(tmp_path, *args):
-    ev.main(["--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "results"), *map(str, args)])
+def mteb_scores(output) -> dict[str, float]:
+    """Each row's nDCG@10 as mteb wrote it: <output>/mteb/results/<model>/<row>/SciFact.json."""
+    return {path.parent.name: json.loads(path.read_text())["scores"]["test"][0]["ndcg_at_10"]
+            for path in (output / "mteb").rglob("SciFact.json")}
 
 
-def test_every_method_end_to_end(tmp_path, tiny_beir, checkpoints, capsys):
-    run(tmp_path, "--tasks", "SciFact", "--data-dir", tiny_beir, "--checkpoints", checkpoints)
-    out = capsys.readouterr().out
-    rows = pd.read_csv(tmp_path / "results" / "latest.csv")
+def test_every_registry_method_runs_end_to_end_and_each_row_stores_what_it_says(evaluated):
+    rows = evaluated.rows
+    expected = [row for name in ev.DEFAULT_METHODS for row in methods.rows_of(name, methods.make_method(name, 384))]
+    assert len(expected) == 38 and list(rows.method.unique()) == expected
     assert list(rows.columns) == ["protocol", "task", "split", "method", "metric", "value"]
-    assert set(rows.protocol) == {"transfer"}
-    rows_run = ["float"] + [m + suffix for m in ev.METHODS[1:] for suffix in ("", "+rescore", "+asym")]
-    assert list(rows.method.unique()) == rows_run
-    assert set(rows.task) == {"SciFact"} and set(rows.split) == {"test"}
-    for metric in ("ndcg_at_10", "recall_at_100", "mrr_at_10"):
-        values = rows[rows.metric == metric].set_index("method").value
-        assert len(values) == len(rows_run) == 13 and values.between(0, 1).all(), metric
-    ndcg = rows[rows.metric == "ndcg_at_10"].set_index("method").value
-    assert ndcg["float"] > 0.9  # each tiny query has one obvious document
-    nbytes = rows[rows.metric == "bytes_per_vector"].set_index("method").value.to_dict()
-    assert nbytes == {"float": 1536, **{m + s: b for m, b in [("stage1_zero", 48), ("stage1_trained", 48), ("stage1_rotated", 48),
-                                                              ("stage2_trained", 36)] for s in ("", "+asym")},
-                      "stage1_zero+rescore": 1584, "stage1_trained+rescore": 1584, "stage1_rotated+rescore": 1584,
-                      "stage2_trained+rescore": 1572}
-    # significance: per-query nDCG@10 recomputed from mteb's rankings averages to mteb's own number
-    metric = lambda name: rows[rows.metric == name].set_index("method").value  # noqa: E731
-    assert metric("delta_vs_float")["float"] == 0 and metric("p_vs_float")["float"] == 1
-    for row in rows_run:
-        assert metric("delta_vs_float")[row] == pytest.approx(ndcg[row] - ndcg["float"], abs=1e-4)
-        assert metric("delta_vs_stage1_zero")[row] == pytest.approx(ndcg[row] - ndcg["stage1_zero"], abs=1e-4)
-        assert metric("delta_vs_float_ci_low")[row] <= metric("delta_vs_float")[row] <= metric("delta_vs_float_ci_high")[row]
-        assert 0 <= metric("p_vs_stage1_zero")[row] <= 1
-    retention = rows[rows.metric == "retention"].set_index("method").value
-    assert retention["float"] == 1 and retention["stage1_zero"] == pytest.approx(ndcg["stage1_zero"] / ndcg["float"])
-    assert "| mean" in out and "retention" in out and "Δ vs stage1_zero" in out and "protocol transfer" in out
-    assert (tmp_path / "results" / "latest.md").read_text().startswith("## ")
-    assert len(list((tmp_path / "results" / "mteb").rglob("SciFact.json"))) == 13
-    assert (tmp_path / "results" / "quality_vs_bytes.png").read_bytes().startswith(b"\x89PNG")
-
-    # a rerun encodes nothing: every text is in the cache
-    cache_files = {p: p.stat().st_mtime for p in (tmp_path / "cache").rglob("vectors.npy")}
-    run(tmp_path, "--tasks", "SciFact", "--data-dir", tiny_beir, "--checkpoints", checkpoints, "--methods", "float")
-    assert cache_files and cache_files == {p: p.stat().st_mtime for p in (tmp_path / "cache").rglob("vectors.npy")}
+    assert set(rows.protocol) == {"transfer"} and set(rows.task) == {"SciFact"} and set(rows.split) == {"test"}
+    assert metric(rows, "bytes_per_vector").to_dict() == {row: STORED_BYTES[row] for row in expected}
+    assert metric(rows, "bits_per_vector").to_dict() == {row: BITS[row.split("+")[0]] for row in expected}
+    ndcg = metric(rows, "ndcg_at_10")
+    assert 0.75 < ndcg["float"] < 0.95  # 470 documents: easier than all 5,183 (0.649 there)
+    for row in expected:
+        assert 0.8 * ndcg["float"] < ndcg[row] < ndcg["float"] + 0.02, row
+    for cast in ("float16", "bfloat16", "int8", "int8+asym"):
+        assert abs(ndcg[cast] - ndcg["float"]) < 0.003, cast
+    assert (evaluated.output / "latest.md").read_text().startswith("## ")
+    assert (evaluated.output / "quality_vs_bytes.png").read_bytes().startswith(b"\x89PNG")
 
 
-def hamming_scores(query_emb: np.ndarray, doc_emb: np.ndarray) -> np.ndarray:
-    """Bits minus twice the popcount of XOR-ed packed sign codes: what a Hamming index ranks by."""
-    q, d = quantize_embeddings(query_emb, "ubinary"), quantize_embeddings(doc_emb, "ubinary")
-    distance = np.unpackbits(q[:, None, :] ^ d[None, :, :], axis=2).sum(axis=2, dtype=np.int64)
-    return query_emb.shape[1] - 2 * distance
+def test_retention_and_deltas_are_measured_against_mtebs_own_scores(evaluated):
+    rows, scores = evaluated.rows, mteb_scores(evaluated.output)
+    assert set(scores) == set(rows.method)
+    np.testing.assert_allclose(metric(rows, "ndcg_at_10")[list(scores)], list(scores.values()), rtol=1e-5)
+    retention, float_score = metric(rows, "retention"), scores["float"]
+    for row, score in scores.items():
+        assert retention[row] == pytest.approx(score / float_score, rel=1e-4), row
+        # a mean of per-query differences is the difference of the means: the paired tests saw the same queries
+        assert metric(rows, "delta_vs_float")[row] == pytest.approx(score - float_score, abs=2e-5), row
+        assert metric(rows, "delta_vs_stage1_zero")[row] == pytest.approx(score - scores["stage1_zero"], abs=2e-5), row
+        assert metric(rows, "delta_vs_float_ci_low")[row] <= metric(rows, "delta_vs_float")[row] <= metric(rows, "delta_vs_float_ci_high")[row]
+    assert retention["stage1_zero"] < 0.95 and retention["pq24"] < 0.9  # the slice separates the methods
+    # 60 queries: sign bits are significantly worse than float, rescoring all 50 candidates is not
+    assert metric(rows, "p_vs_float")["stage1_zero"] < 0.01 and metric(rows, "p_vs_float")["stage1_zero+rescore"] > 0.05
 
 
-def assert_scores_are_hamming(query_emb: np.ndarray, doc_emb: np.ndarray) -> None:
-    """The faiss-backed stage1_zero index scores every returned document by bits - 2 * popcount(q XOR d)."""
-    index = ev.BinaryIndex(qm.QuantizationModuleStage1(query_emb.shape[1]), "hamming")
-    index.add_documents(doc_emb, [str(i) for i in range(len(doc_emb))])
-    scores, ids = index.search(query_emb, top_k=len(doc_emb))
-    expected = hamming_scores(query_emb, doc_emb)
-    for i in range(len(query_emb)):
-        assert sorted(ids[i]) == list(range(len(doc_emb)))
-        assert scores[i] == expected[i, ids[i]].tolist() and scores[i] == sorted(scores[i], reverse=True)
+def test_asym_rows_beat_hamming_on_real_data(evaluated):
+    ndcg = metric(evaluated.rows, "ndcg_at_10")
+    gains = {name: ndcg[name + "+asym"] - ndcg[name] for name in BINARY}
+    assert all(gain > 0 for gain in gains.values()), gains  # float queries against the same codes: never worse here
+    assert np.mean(list(gains.values())) > 0.02, gains
 
 
-def test_binary_scores_are_hamming_over_packed_codes(model):
-    queries = model.encode([q for q, _ in TINY_QUERIES.values()])
-    docs = model.encode([t + " " + x for t, x in TINY_DOCS.values()])
-    assert_scores_are_hamming(queries, docs)
+def test_validation_in_training_and_the_evaluation_report_give_the_same_ndcg(evaluated, fitted, task_embeddings):
+    """One ranker: every row's nDCG@10 in the CSV equals methods.rank + mteb_adapter.ndcg_at_10 (what the training
+    command validates with) on the same data, here with exact ties (copied documents), and equals what the training
+    command itself printed and stored."""
+    task = {k: task_embeddings[k] for k in ("docs", "queries", "doc_ids", "query_ids")}
+    qrels = task_embeddings["qrels"]
+    ndcg = metric(evaluated.rows, "ndcg_at_10")
+    ties = 0
+    for name in ev.DEFAULT_METHODS:
+        method = methods.load_method(name, 384, DEFAULT_MODEL, fitted.checkpoints, "transfer")[0]
+        for row, mode in methods.rows_of(name, method).items():
+            ranking = methods.rank(method, mode, **task)
+            assert mteb_adapter.ndcg_at_10(ranking, qrels) == pytest.approx(ndcg[row], abs=1e-5), row
+            if mode == "hamming":  # a copy and its original tie; pytrec_eval orders them by id, the copy first
+                ties += sum(ranking[q].get(d) == ranking[q].get("copy-" + d) for q in qrels for d in qrels[q] if "copy-" + d in ranking[q])
+    assert ties >= 10 * len(BINARY)
+    printed = {line.split()[0]: float(line.split()[-1]) for line in fitted.stdout.splitlines() if " validation nDCG@10 " in line
+               and not line.startswith(" ")}
+    assert printed["float"] == pytest.approx(ndcg["float"], abs=5e-5) and printed["stage1_zero"] == pytest.approx(ndcg["stage1_zero"], abs=5e-5)
+    for name in methods.LEARNED:
+        path = qm.checkpoint_path(fitted.checkpoints, DEFAULT_MODEL, methods.make_method(name, 384).checkpoint)
+        meta = safe_open(str(path), framework="pt").metadata()
+        assert json.loads(meta["validation_ndcg_at_10"])[meta["initialisation"]]["SciFact"] == pytest.approx(ndcg[name], abs=1e-5)
 
 
-def test_rescoring_everything_is_float_ranking_and_asym_keeps_no_floats(model):
-    queries = model.encode([q for q, _ in TINY_QUERIES.values()])
-    docs = model.encode([t + " " + x for t, x in TINY_DOCS.values()])
-    rescore = ev.BinaryIndex(qm.QuantizationModuleStage1(384), "rescore", rescore_k=len(docs))
-    rescore.add_documents(docs, list(TINY_DOCS))
-    scores, ids = rescore.search(queries, top_k=len(docs))
-    float_scores = queries @ docs.T
-    assert np.array_equal(np.array(ids), np.argsort(-float_scores, axis=1))
-    assert np.allclose(scores, np.sort(float_scores, axis=1)[:, ::-1], atol=1e-6)
-    # mteb asks for more than k: the re-ranked head, then the rest of the Hamming list (recall@100 etc. stay honest)
-    head = ev.BinaryIndex(qm.QuantizationModuleStage1(384), "rescore", rescore_k=3)
-    head.add_documents(docs, list(TINY_DOCS))
-    _, ids = head.search(queries, top_k=len(docs))
-    _, hamming_ids = head.index.search(head._codes(queries), len(docs))
-    assert np.array(ids).shape == (len(queries), len(docs)) and np.array_equal(np.array(ids)[:, 3:], hamming_ids[:, 3:])
+def test_in_domain_evaluation_reads_in_domain_checkpoints_and_measures_against_float_adapted(fitted_in_domain, fitted,
+                                                                                             embedding_cache, tmp_path):
+    common = ["--tasks", "SciFact", "--data-dir", fitted_in_domain.data_dir, "--cache-dir", embedding_cache, "--protocol", "in-domain"]
+    evaluate(*common, "--methods", "float", "stage1_trained", "--checkpoints", fitted_in_domain.checkpoints,
+                      "--output", tmp_path / "results")
+    rows, scores = pd.read_csv(tmp_path / "results" / "latest.csv"), mteb_scores(tmp_path / "results")
+    assert list(rows.method.unique()) == ["float", "stage1_trained", "stage1_trained+rescore", "stage1_trained+rescore_int8",
+                                          "stage1_trained+asym", "float_adapted"]
+    title = (tmp_path / "results" / "latest.md").read_text().splitlines()[0]
+    assert set(rows.protocol) == {"in-domain"} and "protocol in-domain" in title and "on in-domain/, pairs/" in title
+    # thresholds leave every float cosine as it is: the adapted float model is the float model, and the reference
+    assert scores["float_adapted"] == scores["float"]
+    for row, score in scores.items():
+        assert metric(rows, "retention")[row] == pytest.approx(score / scores["float_adapted"], rel=1e-4)
+    assert "delta_vs_float_adapted" in set(rows.metric) and "delta_vs_float" not in set(rows.metric)
+    # the other protocol's checkpoints are not used by mistake
+    with pytest.raises(SystemExit, match=r"no checkpoint at .*/in-domain/stage1.safetensors"):
+        evaluate(*common, "--methods", "stage1_trained", "--checkpoints", fitted.checkpoints, "--output", tmp_path / "other")
+    moved = tmp_path / "moved"
+    target = qm.checkpoint_path(moved, DEFAULT_MODEL, "stage1")
+    target.parent.mkdir(parents=True)
+    shutil.copy(qm.checkpoint_path(fitted_in_domain.checkpoints, DEFAULT_MODEL, "stage1", "in-domain"), target)
+    with pytest.raises(SystemExit, match="made under protocol 'in-domain', not 'transfer'"):
+        evaluate(*common[:-2], "--methods", "stage1_trained", "--modes", "--checkpoints", moved, "--output", tmp_path / "other")
+    assert not (tmp_path / "other" / "latest.csv").exists()
 
-    asym = ev.BinaryIndex(qm.QuantizationModuleStage2(384), "asym")
-    asym.add_documents(docs, list(TINY_DOCS))
-    assert asym.float_docs is None and asym.bytes_per_vector(384) == 36 and rescore.bytes_per_vector(384) == 48 + 1536
-    scores, ids = asym.search(queries, top_k=3)
-    doc_codes = qm.to_signed(asym.quantizer.quantize(torch.from_numpy(docs)))
-    expected = asym.quantizer.margins(torch.from_numpy(queries)) @ doc_codes.T
-    assert np.allclose(scores, np.take_along_axis(expected.numpy(), np.array(ids), 1), atol=1e-5)
+
+def test_a_rerun_encodes_nothing_and_the_report_names_only_the_references_it_has(tmp_path, tiny_beir):
+    args = ["--tasks", "SciFact", "--data-dir", tiny_beir, "--cache-dir", tmp_path / "cache", "--output", tmp_path / "results"]
+    evaluate(*args, "--methods", "stage1_zero", "--modes", "asym")
+    markdown = (tmp_path / "results" / "latest.md").read_text()
+    assert "† differs from stage1_zero" in markdown and "differs from float" not in markdown and "retention" not in markdown
+    cache_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    evaluate(*args, "--methods", "float")
+    assert cache_files and cache_files == {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    assert metric(pd.read_csv(tmp_path / "results" / "latest.csv"), "ndcg_at_10")["float"] > 0.9
 
 
 @pytest.mark.parametrize("args, message", [
@@ -130,37 +152,131 @@ def test_rescoring_everything_is_float_ranking_and_asym_keeps_no_floats(model):
     (["--tasks", "NFCorpus", "--data-dir", "{data}"], "no folder for NFCorpus"),
     (["--tasks", "SciFact", "--rescore-k", "5"], "--rescore-k must be at least 10"),
     (["--tasks", "SciFact", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--tasks", "SciFact", "--methods", "stage1"], "invalid choice: 'stage1'"),
+    (["--tasks", "SciFact", "--modes", "hamming", "qb9"], "invalid choice: 'qb9'"),
 ])
-def test_bad_input_before_any_work(tmp_path, tiny_beir, capsys, args, message):
+def test_bad_input_before_any_work(tmp_path, tiny_beir, args, message):
     with pytest.raises(SystemExit) as exit_info:
-        run(tmp_path, *[a.replace("{data}", str(tiny_beir)) for a in args])
-    error = str(exit_info.value.code) + capsys.readouterr().err
+        ev.main(["--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "results"),
+                 *[a.replace("{data}", str(tiny_beir)) for a in args]])
+    error = str(exit_info.value.code)
     assert error.startswith("error: ") and message in error and "\n" not in error.strip()
     assert not (tmp_path / "results" / "latest.csv").exists()
 
 
-def test_bad_checkpoints_and_data_are_refused(tmp_path, tiny_beir, checkpoints):
-    def refused(message, *extra, checkpoints_dir=checkpoints):
+def edit_faiss(key, edit):
+    """A change to a checkpoint's serialised faiss index or transform: `edit` receives it read back by faiss."""
+    import faiss
+
+    def change(tensors, meta, source):
+        if key == "faiss_index":
+            index = faiss.deserialize_index(tensors[key].numpy())
+            edit(index)
+            tensors[key] = torch.from_numpy(faiss.serialize_index(index))
+        else:
+            reader = faiss.VectorIOReader()
+            faiss.copy_array_to_vector(tensors[key].numpy(), reader.data)
+            transform = faiss.read_VectorTransform(reader)
+            edit(transform)
+            writer = faiss.VectorIOWriter()
+            faiss.write_VectorTransform(transform, writer)
+            tensors[key] = torch.from_numpy(faiss.vector_to_array(writer.data))
+    return change
+
+
+def nan_at(vector, i):
+    import faiss
+
+    values = faiss.vector_to_array(vector)
+    values[i] = np.nan
+    faiss.copy_array_to_vector(values, vector)
+
+
+def set_tensor(key, value):
+    return lambda tensors, meta, source: tensors.__setitem__(key, value(tensors[key], source))
+
+
+def set_meta(key, value):
+    return lambda tensors, meta, source: meta.__setitem__(key, value)
+
+
+BAD_CHECKPOINTS = {  # what is wrong: (method, change to its tensors and metadata, words the one error line must hold)
+    "NaN threshold": ("stage1_trained", set_tensor("thresholds", lambda t, _: t.index_fill(0, torch.tensor([5]), float("nan"))),
+                      ["stage1.safetensors", "tensor 'thresholds' holds 1 non-finite values"]),
+    "Inf thresholds": ("stage2_trained", set_tensor("thresholds", lambda t, _: t.index_fill(0, torch.arange(3), float("inf"))),
+                       ["stage2.safetensors", "tensor 'thresholds' holds 3 non-finite values"]),
+    "NaN rotation": ("stage1_rotated", set_tensor("rotation", lambda t, _: t.index_fill(0, torch.tensor([0]), float("nan"))),
+                     ["stage1_rotated.safetensors", "tensor 'rotation' holds 384 non-finite values"]),
+    "all-zero rotation": ("stage1_rotated", set_tensor("rotation", lambda t, _: torch.zeros_like(t)),
+                          ["stage1_rotated.safetensors: the rotation is not orthogonal (|R R^T - I| reaches 1)"]),
+    "768 thresholds, metadata 384": ("stage1_trained", set_tensor("thresholds", lambda t, _: torch.zeros(768)),
+                                     ["stage1.safetensors holds tensors {'thresholds': (768,)}", "dimension 384"]),
+    "temperature 'hot'": ("stage1_trained", set_meta("temperature", "hot"), ["metadata temperature 'hot' is not a number"]),
+    "truncated faiss index": ("pq48", set_tensor("faiss_index", lambda t, _: t[:5000].clone()),
+                              ["pq48.safetensors does not hold a faiss index"]),
+    "garbage faiss index": ("rabitq", set_tensor("faiss_index", lambda t, _: torch.arange(4000).to(torch.uint8)),
+                            ["rabitq.safetensors does not hold a faiss index"]),
+    "NaN PQ centroid": ("pq24", edit_faiss("faiss_index", lambda index: nan_at(index.pq.centroids, 12345)),  # no probe's code
+                        ["pq24.safetensors: the faiss index decodes to non-finite values"]),
+    "NaN scalar range": ("int8", edit_faiss("faiss_index", lambda index: nan_at(index.sq.trained, 3)),
+                         ["int8.safetensors: the faiss index decodes to non-finite values"]),
+    "another index's size": ("pq48", set_tensor("faiss_index", lambda t, source: load_file(str(qm.checkpoint_path(
+        source, DEFAULT_MODEL, "pq24")))["faiss_index"]), ["pq48.safetensors holds a faiss index", "24 bytes, not a trained PQ48"]),
+    "truncated transform": ("pca96", set_tensor("faiss_transform", lambda t, _: t[:999].clone()),
+                            ["pca96.safetensors does not hold a faiss transform"]),
+    "NaN in a transform": ("pca288_sign", edit_faiss("faiss_transform", lambda transform: nan_at(transform.A, 7)),
+                           ["pca288_sign.safetensors: the transform gives non-finite values"]),
+    "another model": ("stage1_trained", set_meta("base_model", "someone/else"), ["was made for model 'someone/else'"]),
+    "another protocol": ("int8", set_meta("protocol", "in-domain"), ["made under protocol 'in-domain', not 'transfer'"]),
+    "another method": ("int4", set_meta("method", "int8"), ["int4.safetensors holds a int8 checkpoint, not int4"]),
+}
+
+
+@pytest.mark.parametrize("problem", BAD_CHECKPOINTS)
+def test_a_bad_checkpoint_is_refused_with_one_line_and_nothing_written(problem, fitted, tiny_beir, tmp_path):
+    name, change, words = BAD_CHECKPOINTS[problem]
+    stem = methods.make_method(name, 384).checkpoint
+    source = qm.checkpoint_path(fitted.checkpoints, DEFAULT_MODEL, stem)
+    tensors, meta = load_file(str(source)), safe_open(str(source), framework="pt").metadata()
+    change(tensors, meta, fitted.checkpoints)
+    target = qm.checkpoint_path(tmp_path / "checkpoints", DEFAULT_MODEL, stem)
+    target.parent.mkdir(parents=True)
+    save_file(tensors, str(target), metadata=meta)
+    output = tmp_path / "results"
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate("--tasks", "SciFact", "--data-dir", tiny_beir, "--methods", name, "--modes", "--checkpoints",
+                 tmp_path / "checkpoints", "--cache-dir", tmp_path / "cache", "--output", output)
+    error = exit_info.value.code
+    assert isinstance(error, str) and error.startswith("error: ") and "\n" not in error  # sys.exit(str): status 1
+    assert all(word in error for word in words), error
+    assert not any(p.is_file() for p in output.rglob("*"))
+
+
+def test_missing_and_pickled_checkpoints_are_refused_with_one_line(fitted, tiny_beir, tmp_path):
+    def refused(name, checkpoints):
         with pytest.raises(SystemExit) as exit_info:
-            run(tmp_path, "--tasks", "SciFact", "--data-dir", tiny_beir, "--checkpoints", checkpoints_dir, *extra)
+            evaluate("--tasks", "SciFact", "--data-dir", tiny_beir, "--methods", name, "--modes", "--checkpoints", checkpoints,
+                     "--cache-dir", tmp_path / "cache", "--output", tmp_path / "results")
+        assert not any(p.is_file() for p in (tmp_path / "results").rglob("*"))
+        return exit_info.value.code
+
+    assert refused("pq48", tmp_path / "empty").startswith(
+        f"error: no checkpoint at {tmp_path / 'empty' / model_slug(DEFAULT_MODEL) / 'pq48.safetensors'}; make one with: "
+        f"python quantization_modules.py --model {DEFAULT_MODEL} --methods pq48 --out {tmp_path / 'empty'}")
+    pickled = qm.checkpoint_path(tmp_path / "pickled", DEFAULT_MODEL, "stage2")
+    pickled.parent.mkdir(parents=True)
+    torch.save({"thresholds": torch.zeros(384)}, pickled)
+    assert "pickled checkpoints are refused" in refused("stage2_trained", tmp_path / "pickled")
+
+
+def test_bad_data_is_refused_with_one_line(fitted, tiny_beir, tmp_path):
+    def refused(message, *extra):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate("--tasks", "SciFact", "--data-dir", tiny_beir, "--methods", "stage1_zero", "--cache-dir", tmp_path / "cache",
+                     "--output", tmp_path / "results", *extra)
         assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
         assert not (tmp_path / "results" / "latest.csv").exists()
 
-    refused("train one with: python quantization_modules.py", checkpoints_dir=tmp_path / "empty")
-    stage2 = qm.checkpoint_path(checkpoints, qm.DEFAULT_MODEL, "stage2")
-    other = qm.QuantizationModuleStage2(384)
-    qm.save_quantizer(stage2, other, {"base_model": "someone/else"})
-    refused("trained for model 'someone/else'")
-    qm.save_quantizer(stage2, other, {"base_model": qm.DEFAULT_MODEL, "protocol": "in-domain"})
-    refused("trained under protocol 'in-domain', not 'transfer'")
-    torch.save({"thresholds": other.thresholds.data}, stage2)
-    refused("pickled checkpoints are refused")
-    qm.save_quantizer(stage2, other, {"base_model": qm.DEFAULT_MODEL})
-    stage1 = qm.checkpoint_path(checkpoints, qm.DEFAULT_MODEL, "stage1")
-    stage1.rename(stage1.with_suffix(".bak"))
-    stage1.write_bytes(stage2.read_bytes())  # a Stage 2 file under Stage 1's name
-    refused("holds a stage2 quantiser, not stage1")
-    stage1.with_suffix(".bak").replace(stage1)
     (tmp_path / "a_file").write_text("")
     refused("output folder", "--output", tmp_path / "a_file" / "results")
     refused("embedding cache folder", "--cache-dir", tmp_path / "a_file" / "cache")
@@ -186,21 +302,3 @@ def test_hub_failure_is_one_line_pointing_to_data_dir(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot load SciFact") and "--data-dir" in result.stderr
     assert not (tmp_path / "results").exists()
-
-
-def test_report_names_only_the_references_it_has(tmp_path, tiny_beir):
-    run(tmp_path, "--tasks", "SciFact", "--data-dir", tiny_beir, "--methods", "stage1_zero", "--modes", "hamming", "asym")
-    markdown = (tmp_path / "results" / "latest.md").read_text()
-    assert "† differs from stage1_zero" in markdown and "differs from float" not in markdown and "retention" not in markdown
-
-
-def test_paired_test_is_the_exact_sign_flip_test_on_small_samples():
-    import itertools
-    rng = np.random.default_rng(0)
-    a, b = rng.random(10), rng.random(10)
-    diff = a - b
-    flips = np.array(list(itertools.product([1, -1], repeat=10)))  # 1,024 < 10,000 resamples: scipy enumerates them all
-    exact = np.mean(np.abs((flips * diff).mean(axis=1)) >= abs(diff.mean()) - 1e-12)
-    delta, low, high, p = ev.paired_test(a, b)
-    assert delta == pytest.approx(diff.mean()) and low <= delta <= high and p == pytest.approx(exact)
-    assert ev.paired_test(a, a) == (0.0, 0.0, 0.0, 1.0)
