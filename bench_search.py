@@ -23,11 +23,10 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 from tabulate import tabulate
 
 from data import UsageError
-from methods import build_binary_index, pack_codes, rescore_search
+from methods import BinaryCodes, build_binary_index, rescore_search
 from quantization_modules import QuantizationModuleStage1, QuantizationModuleStage2
 
 # defaults (override on the command line)
@@ -115,9 +114,10 @@ def read_bandwidth(threads: int, nbytes: int, repeats: int) -> float:
 
 
 def encode(quantizer, x: np.ndarray) -> np.ndarray:
-    """Packed codes of float vectors from one of the project's quantisers, so the bit layout is theirs, not a copy."""
-    return np.concatenate([pack_codes(quantizer.quantize(torch.from_numpy(x[s : s + CHUNK])).numpy())
-                           for s in range(0, len(x), CHUNK)])
+    """Packed codes of float vectors from one of the project's quantisers, through the registry's BinaryCodes.encode:
+    the evaluation's and load_encoder's own quantise-then-pack, in chunks."""
+    method = BinaryCodes(x.shape[1], quantizer)
+    return np.concatenate([method.encode(x[s : s + CHUNK]) for s in range(0, len(x), CHUNK)])
 
 
 def float_index(docs: np.ndarray) -> faiss.IndexFlatIP:

@@ -36,7 +36,8 @@ def retrieval_scores(results: dict[str, dict[str, float]], qrels: dict[str, dict
 
 
 def ndcg_at_10(results: dict, qrels: dict) -> float:
-    """Mean nDCG@10 over the queries of `qrels`, as mteb reports it."""
+    """Mean nDCG@10 over the queries of `qrels` that `results` ranks (mteb leaves out a query without results), as mteb
+    reports it."""
     return retrieval_scores(results, qrels).ndcg["NDCG@10"]
 
 

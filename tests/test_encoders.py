@@ -50,7 +50,7 @@ def test_codes_equal_what_the_evaluation_indexes(model):
 
 def test_similarity_is_hamming_and_orders_as_the_evaluation(zero, model):
     docs, queries = zero.encode(DOCS), zero.encode(QUERIES)
-    bits = np.unpackbits(queries[:, None, :] ^ docs[None, :, :], axis=2).sum(axis=2)  # a popcount written here
+    bits = np.unpackbits(queries[:, None, :] ^ docs[None, :, :], axis=2).sum(axis=2).astype(np.int64)  # a popcount written here
     scores = zero.similarity(queries, docs)
     assert np.array_equal(scores, 384 - 2 * bits)
     assert np.array_equal(zero.similarity(zero.encode(QUERIES, precision="binary"), zero.encode(DOCS, precision="binary")), scores)

@@ -1,25 +1,78 @@
-"""The real packaged model on a slice of the real SciFact (../shared/data/beir), with the committed checkpoints."""
+"""The real packaged model on a slice of the real SciFact (../shared/data/beir), with the committed checkpoints
+(checkpoints/): every method fitted on nothing, and every fitted or trained method whose checkpoint is committed."""
+
+import json
 
 import pandas as pd
+import pytest
+from safetensors import safe_open
 
-import evaluate_quantization_mteb as ev
-import quantization_modules as qm
-from conftest import ROOT
-from test_evaluate import assert_scores_are_hamming
+import data
+import methods
+from conftest import ROOT, evaluate, one_faiss_thread
+from encoders import DEFAULT_MODEL, model_slug
+
+with one_faiss_thread():  # its import makes every registry method once
+    import evaluate_quantization_mteb as ev
+
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
+COMMITTED = ROOT / "checkpoints" / model_slug(DEFAULT_MODEL)
+TRANSFER_SOURCES = ("pairs/", "beir-small/")
 
 
-def test_scifact_slice_all_methods(tmp_path, scifact_slice, model):
-    ev.main(["--tasks", "SciFact", "--data-dir", str(scifact_slice), "--checkpoints", str(ROOT / "checkpoints"),
-             "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / "results")])
+def committed(protocol: str = "transfer") -> dict[str, bool]:
+    """Registry method -> whether it can run from checkpoints/ (fitted on nothing, or its checkpoint is there)."""
+    folder = COMMITTED if protocol == "transfer" else COMMITTED / protocol
+    return {name: method.fitted_on == "nothing" or (folder / f"{method.checkpoint}.safetensors").is_file()
+            for name in ev.DEFAULT_METHODS for method in [methods.make_method(name, 384)]}
+
+
+def test_scifact_slice_with_the_committed_checkpoints(tmp_path, scifact_slice, embedding_cache):
+    names = [name for name, ready in committed().items() if ready]
+    modes = [m for m in ev.ALL_MODES if m != "rescore_int8" or "int8" in names]
+    evaluate("--tasks", "SciFact", "--data-dir", scifact_slice, "--checkpoints", ROOT / "checkpoints", "--methods", *names,
+             "--modes", *modes, "--cache-dir", embedding_cache, "--output", tmp_path / "results")
     rows = pd.read_csv(tmp_path / "results" / "latest.csv")
     ndcg = rows[rows.metric == "ndcg_at_10"].set_index("method").value
-    # On 460 documents retrieval is easier than on all 5,183 (float 0.649 there); binary codes lose some of it.
-    assert 0.65 < ndcg["float"] < 0.95
-    for method in ("stage1_zero", "stage1_trained", "stage1_rotated", "stage2_trained"):
-        assert 0.6 * ndcg["float"] < ndcg[method] <= ndcg["float"] + 0.02, method
+    assert {row.split("+")[0] for row in ndcg.index} == set(names)
+    # On 460 documents retrieval is easier than on all 5,183 (float 0.649 there); compressed rows lose some of it.
+    assert 0.75 < ndcg["float"] < 0.95
+    for row in ndcg.index:
+        assert 0.8 * ndcg["float"] < ndcg[row] <= ndcg["float"] + 0.02, row
+    for cast in ("float16", "bfloat16"):
+        assert abs(ndcg[cast] - ndcg["float"]) < 0.003, cast
+    # float queries against the documents' codes rank better than Hamming distance (60 queries: on average; one
+    # method may lose a little, as stage1_rotated does here, while on the whole of SciFact every one gains)
+    binary = [n for n in names if methods.make_method(n, 384).family == "binary"]
+    gains = {name: ndcg[name + "+asym"] - ndcg[name] for name in binary}
+    assert sum(gains.values()) / len(gains) > 0.02 and min(gains.values()) > -0.03, gains
 
-    # stage1_zero scores real query/document pairs exactly as a popcount over np.packbits sign codes does
-    corpus, queries, _ = qm.load_beir(scifact_slice / "scifact", "test")
-    query_emb = model.encode(list(queries.values())[:20])
-    doc_emb = model.encode([qm.document_text(d) for d in list(corpus.values())[:100]])
-    assert_scores_are_hamming(query_emb, doc_emb)
+
+@pytest.mark.parametrize("protocol", ["transfer", "in-domain"])
+def test_committed_checkpoints_load_and_say_what_made_them(protocol, shared_beir):
+    """Every committed checkpoint loads as its registry method; transfer ones name only transfer sources; no
+    validation query of any is a test query."""
+    folder = COMMITTED if protocol == "transfer" else COMMITTED / protocol
+    test_queries = {task: set(data.load_qrels(shared_beir / task.lower(), "test")) for task in data.TASKS}
+    ready = [name for name, ok in committed(protocol).items() if ok and methods.make_method(name, 384).fitted_on != "nothing"]
+    assert ready, f"no checkpoint in {folder}"
+    for name in ready:
+        _, meta = methods.load_method(name, 384, DEFAULT_MODEL, ROOT / "checkpoints", protocol, modes=[])
+        sources = json.loads(meta["training_sources"])
+        if protocol == "transfer":
+            assert all(s.startswith(TRANSFER_SOURCES) for s in sources), (name, sources)
+        else:
+            assert {f"in-domain/{t}" for t in data.TASKS} <= set(sources), (name, sources)
+        for task, ids in json.loads(meta["validation_query_ids"]).items():
+            assert ids and not set(ids) & test_queries[task], (name, task)
+    stems = {p.stem for p in folder.glob("*.safetensors")}
+    assert stems <= {methods.make_method(n, 384).checkpoint for n in committed(protocol)}, f"stale files in {folder}"
+
+
+def test_every_fitted_method_has_a_committed_checkpoint():
+    missing = [f"{protocol}: {name}" for protocol in ("transfer", "in-domain")
+               for name, ready in committed(protocol).items() if not ready]
+    if missing:
+        pytest.xfail("not committed yet (python quantization_modules.py [--protocol in-domain] writes them): " + ", ".join(missing))
+    with safe_open(str(COMMITTED / "stage1.safetensors"), framework="pt") as f:
+        assert f.metadata()["protocol"] == "transfer"
