@@ -387,7 +387,7 @@ def load_method(name: str, dim: int, model_name: str, checkpoints: Path, protoco
     method, meta = make_method(name, dim), {}
     path = checkpoint_path(checkpoints, model_name, method.checkpoint, protocol)
     if method.fitted_on == "training":
-        method.quantizer, meta = load_quantizer(path, model_name, dim, method.quantizer_class, protocol)
+        method.quantizer, meta = load_quantizer(path, model_name, dim, method.quantizer_class, protocol, name)
     elif method.fitted_on == "texts":
         tensors, meta = load_checkpoint(path, model_name, dim, protocol, name)
         method.load_state(tensors, path)

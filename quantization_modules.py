@@ -318,14 +318,15 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
         raise UsageError(f"cannot write {path} ({e.strerror})") from None
 
 
-def load_checkpoint(path: Path, model_name: str, embedding_dim: int, protocol: str | None, method: str) -> tuple[dict, dict]:
+def load_checkpoint(path: Path, model_name: str, embedding_dim: int, protocol: str | None, method: str,
+                    registry_name: str | None = None) -> tuple[dict, dict]:
     """Read a checkpoint's tensors and metadata, refusing one that is missing, not safetensors, made for another model,
     dimension, protocol or method, or holding non-finite values. Each refusal is a UsageError naming the file."""
     path = Path(path)
     if not path.is_file():
         transfer = protocol in (None, "transfer")
         raise UsageError(f"no checkpoint at {path}; make one with: python quantization_modules.py --model {model_name} "
-                         f"--methods {method} --out {path.parents[1] if transfer else path.parents[2]}"
+                         f"--methods {registry_name or method} --out {path.parents[1] if transfer else path.parents[2]}"
                          + ("" if transfer else f" --protocol {protocol}"))
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -358,10 +359,10 @@ def save_quantizer(path: Path, quantizer: QuantizationModuleStage1, metadata: di
 
 
 def load_quantizer(path: Path, model_name: str, embedding_dim: int, quantizer_class: type,
-                   protocol: str | None = None) -> tuple[QuantizationModuleStage1, dict]:
+                   protocol: str | None = None, registry_name: str | None = None) -> tuple[QuantizationModuleStage1, dict]:
     """Load a checkpoint of a `quantizer_class` quantiser (load_checkpoint's refusals), refusing also tensors whose
     shapes disagree with the dimension, a rotation that is not orthogonal, and unparseable metadata."""
-    tensors, meta = load_checkpoint(path, model_name, embedding_dim, protocol, quantizer_class.method)
+    tensors, meta = load_checkpoint(path, model_name, embedding_dim, protocol, quantizer_class.method, registry_name)
     try:
         temperature = float(meta.get("temperature", TEMPERATURE))
     except ValueError:

@@ -186,8 +186,6 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         qm.load_quantizer(path, "org/model", 384, qm.QuantizationModuleStage1Rotated)
 
 
-@pytest.mark.xfail(strict=True, reason="quantization_modules.load_checkpoint names quantizer_class.method (stage1, stage2) "
-                                       "in its hint, but the training command's --methods takes registry names")
 def test_a_missing_checkpoint_names_a_training_command_that_accepts_it(tmp_path):
     for name in methods.LEARNED + ["pq48"]:
         with pytest.raises(data_module.UsageError) as refused:
