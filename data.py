@@ -260,6 +260,7 @@ def write_atomic(path: Path, data: str | bytes, exclusive: bool = False) -> None
     existing file (FileExistsError). A full disk or a refused write is a UsageError; no temporary file is left."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]  # deepest first; removed on failure
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
@@ -273,4 +274,9 @@ def write_atomic(path: Path, data: str | bytes, exclusive: bool = False) -> None
         raise
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise UsageError(f"cannot write {path} ({e.strerror})") from None

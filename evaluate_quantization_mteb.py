@@ -7,8 +7,8 @@ Read top to bottom: arguments -> tasks -> base model and its cache -> the method
 
 import argparse
 import datetime
+import functools
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -25,7 +25,7 @@ from data import PROTOCOLS, UsageError, check_writable, write_atomic
 from embedding_cache import EmbeddingCache, count_cached
 from encoders import CACHE_DIR, DEFAULT_MODEL, embed_texts, load_base_model, model_slug, quiet_libraries
 from methods import LEARNED, METHODS, PROBE_DIM, RESCORE_K, MethodIndex, load_method, make_method, rows_of
-from mteb_adapter import RowSearch, get_retrieval_tasks, per_query_ndcg, task_qrels, task_texts
+from mteb_adapter import RowSearch, TaskEmbeddings, get_retrieval_tasks, per_query_ndcg, task_qrels, task_texts
 
 # defaults (override on the command line)
 CHECKPOINTS_DIR = "checkpoints"
@@ -63,22 +63,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def encode_missing_texts(tasks: list, st_model, slug_dir: Path, batch_size: int, devices: list[str] | None) -> None:
-    """Say per task how many texts it has and how many are cached, then encode the missing ones into the cache that
-    every row reads (mteb's CachedEmbeddingWrapper layout: <cache>/<model-slug>/<task>/<query|document>), with a
-    progress bar in texts. Models with prompts are left to mteb, which knows which prompt each text gets."""
-    prompted = any(getattr(st_model, "prompts", {}).values())
+def missing_texts(tasks: list, slug_dir: Path) -> dict[tuple[str, str], list[str]]:
+    """Say per task how many texts it has and how many are cached; return the texts of each (task, "query" or
+    "document") cache that is not complete (mteb's CachedEmbeddingWrapper layout: <cache>/<model-slug>/<task>/<kind>)."""
     missing = {}
     for task in tasks:
         name, texts = task.metadata.name, task_texts(task)
         cached = {kind: count_cached(t, slug_dir / name / kind) for kind, t in texts.items()}
         total, done = sum(map(len, texts.values())), sum(cached.values())
         print(f"{name}: {total:,} texts ({len(texts['document']):,} documents, {len(texts['query']):,} queries), "
-              f"{done:,} cached, {total - done:,} to encode" + (" (by mteb, with the model's prompts)" if prompted else ""))
-        missing |= {(name, kind): t for kind, t in texts.items() if cached[kind] < len(t) and not prompted}
-    for (name, kind), texts in missing.items():
-        embed_texts(st_model, texts, slug_dir / name / kind, batch_size=batch_size, devices=devices,
-                    desc=f"encoding {name} {'queries' if kind == 'query' else 'documents'}")
+              f"{done:,} cached, {total - done:,} to encode")
+        missing |= {(name, kind): t for kind, t in texts.items() if cached[kind] < len(t)}
+    return missing
+
+
+def cached_dimension(slug_dir: Path, tasks: list) -> int:
+    """The embedding dimension, read from the cache of a task whose texts are all cached (no model needed)."""
+    cache = EmbeddingCache(slug_dir / tasks[0].metadata.name / "document")
+    cache.load()
+    return cache.dim
+
+
+class BaseEncoder:
+    """The float encoder every row reads through the cache: mteb's SentenceTransformerEncoderWrapper around the base
+    model, which is loaded only when a text must be encoded, so a warm run never loads it."""
+
+    def __init__(self, load_model, meta: ModelMeta):
+        self.load_model, self.mteb_model_meta, self.wrapper = load_model, meta, None
+
+    def encode(self, inputs, **kwargs):
+        if self.wrapper is None:
+            self.wrapper = mteb.models.SentenceTransformerEncoderWrapper(self.load_model())
+        return self.wrapper.encode(inputs, **kwargs)
 
 
 def main(argv=None) -> None:
@@ -100,35 +116,45 @@ def run(args) -> None:
     check_writable(args.output)
     check_writable(args.cache_dir, "embedding cache folder")
 
-    # base model: one float encoder, cached on disk, shared by every method; every text encoded once, up front
-    st_model = load_base_model(args.model, args.device[0] if args.device else None)
-    dim, slug_dir = st_model.get_embedding_dimension(), args.cache_dir / model_slug(args.model)
-    float_encoder = mteb.models.SentenceTransformerEncoderWrapper(st_model)
-    float_encoder.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(
+    # base model: one float encoder, cached on disk, shared by every method; every text encoded once, up front; a run
+    # whose texts are all cached reads the dimension from the cache and never loads the model
+    slug_dir, missing = args.cache_dir / model_slug(args.model), missing_texts(tasks, args.cache_dir / model_slug(args.model))
+    load_model = functools.cache(lambda: load_base_model(args.model, args.device[0] if args.device else None))
+    if missing:
+        dim = load_model().get_embedding_dimension()
+        print(f"device {load_model().device}" + (f" (+ {', '.join(args.device[1:])})" if args.device and len(args.device) > 1 else ""))
+    else:
+        dim = cached_dimension(slug_dir, tasks) or load_model().get_embedding_dimension()
+    meta = ModelMeta.create_empty(overwrites=dict(
         name=args.model if "/" in args.model else f"local/{args.model}", revision="float", embed_dim=dim,
         similarity_fn_name=ScoringFunction.COSINE, framework=["Sentence Transformers", "PyTorch"],
     ))
-    cached = CachedEmbeddingWrapper(float_encoder, slug_dir, cache_backend=EmbeddingCache)
+    cached = CachedEmbeddingWrapper(BaseEncoder(load_model, meta), slug_dir, cache_backend=EmbeddingCache)
 
     # the methods, from the registry (fitted and trained ones with their checkpoints); each mode is a row
     names = args.methods + (["float_adapted"] if args.protocol == "in-domain" and "float" in args.methods else [])
     rows_to_run, info, metadata = {}, {}, {}  # row -> mteb model; row -> what the report needs; method -> checkpoint
+    embeddings = TaskEmbeddings(cached, args.batch_size)  # read from the cache once per task, shared by every row
     for name in names:
         method, metadata[name] = load_method(name, dim, args.model, args.checkpoints, args.protocol, args.modes)
         method.rescore_k = args.rescore_k
         for row, mode in rows_of(name, method, args.modes).items():
-            rows_to_run[row] = RowSearch(cached, row, MethodIndex(method, mode))
+            rows_to_run[row] = RowSearch(embeddings, row, MethodIndex(method, mode))
             info[row] = dict(method=name, family=method.family, mode=mode, learned=name in LEARNED,
                              keeps_float=mode == "rescore", bits=method.bits_per_vector)
     reference = "float_adapted" if "float_adapted" in rows_to_run else "float"
-    print(f"device {st_model.device}" + (f" (+ {', '.join(args.device[1:])})" if args.device and len(args.device) > 1 else "")
-          + f"; {len(rows_to_run)} rows: {', '.join(rows_to_run)}")
-    encode_missing_texts(tasks, st_model, slug_dir, args.batch_size, args.device)
+    print(f"{len(rows_to_run)} rows: {', '.join(rows_to_run)}")
+    if missing and any(getattr(load_model(), "prompts", {}).values()):
+        print("the model has prompts: mteb encodes the missing texts, each with the prompt its task and kind ask for")
+    else:  # each missing text once, up front, with a progress bar in texts
+        for (name, kind), texts in missing.items():
+            embed_texts(load_model(), texts, slug_dir / name / kind, batch_size=args.batch_size, devices=args.device,
+                        desc=f"encoding {name} {'queries' if kind == 'query' else 'documents'}")
 
     # evaluate every task x row through mteb; mteb's own JSON is kept with the results
     records, timings, per_query = [], {}, {}
-    mteb_json = Path(tempfile.mkdtemp(prefix="mteb-results-"))
-    result_cache = mteb.ResultCache(mteb_json)
+    mteb_json = tempfile.TemporaryDirectory(prefix="mteb-results-")  # removed however the run ends (Ctrl-C, full disk)
+    result_cache = mteb.ResultCache(mteb_json.name)
     for row, model in tqdm(rows_to_run.items(), desc="rows", unit=" rows"):
         start = time.time()
         result = mteb.evaluate(model, tasks=tasks, cache=result_cache, overwrite_strategy="always", show_progress_bar=False,
@@ -168,9 +194,9 @@ def run(args) -> None:
     write_atomic(args.output / f"{name}.md", markdown + "\n")
     for file, data in [("latest.csv", csv), ("latest.md", markdown + "\n"), ("quality_vs_bytes.png", picture)]:
         write_atomic(args.output / file, data)
-    for path in mteb_json.rglob("*.json"):
-        write_atomic(args.output / "mteb" / path.relative_to(mteb_json), path.read_bytes())
-    shutil.rmtree(mteb_json, ignore_errors=True)
+    for path in Path(mteb_json.name).rglob("*.json"):
+        write_atomic(args.output / "mteb" / path.relative_to(mteb_json.name), path.read_bytes())
+    mteb_json.cleanup()
     print(f"wrote {args.output / (name + '.csv')}, latest.csv, latest.md, quality_vs_bytes.png and mteb/; "
           f"evaluation {sum(timings.values()):.1f}s over {len(timings)} rows (slowest: "
           + ", ".join(f"{m} {s:.1f}s" for m, s in sorted(timings.items(), key=lambda kv: -kv[1])[:3]) + ")")

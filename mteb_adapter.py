@@ -1,13 +1,16 @@
 """The few places where this tool needs more of mteb than its public API, kept together.
 
-mteb 2.x has no public function for per-query nDCG, no public way to give a task local data, and a slow private
-step in its search wrapper. Each use is one function here; `check_mteb()` fails loudly, naming the mteb version,
-when an upgrade moves what they rely on (a test calls it).
+mteb 2.x has no public function for per-query nDCG, no public way to give a task local data, and no public way to
+build a task's texts as its search encodes them. Each use is one function here; `check_mteb()` fails loudly, naming
+the mteb version, when an upgrade moves what they rely on (a test calls it). Everything else is public: each row is
+an mteb `SearchProtocol` model run by `mteb.evaluate`.
 """
 
 import mteb
+import numpy as np
 import pandas as pd
-from mteb.models.search_wrappers import SearchEncoderWrapper
+import pytrec_eval
+from mteb.types import PromptType
 
 from data import UsageError, find_task_folder, load_beir
 
@@ -17,15 +20,13 @@ TESTED_WITH = "2.26"  # the mteb release these adapters were written against
 def check_mteb() -> None:
     """Raise RuntimeError naming the mteb version if the private pieces used below are gone or changed."""
     try:
-        from mteb._create_dataloaders import _retrieval_texts  # noqa: F401
+        from mteb._create_dataloaders import _retrieval_texts, create_dataloader  # noqa: F401
         from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores  # noqa: F401
         from mteb.abstasks.retrieval import AbsTaskRetrieval
     except ImportError as e:
         raise RuntimeError(f"mteb {mteb.__version__} (adapters tested with {TESTED_WITH}): {e}") from None
-    missing = [name for name, owner in [("_sort_full_corpus_results", SearchEncoderWrapper),
-                                         ("convert_v1_dataset_format_to_v2", AbsTaskRetrieval)] if not hasattr(owner, name)]
-    if missing:
-        raise RuntimeError(f"mteb {mteb.__version__} (adapters tested with {TESTED_WITH}) lacks {', '.join(missing)}")
+    if not hasattr(AbsTaskRetrieval, "convert_v1_dataset_format_to_v2"):
+        raise RuntimeError(f"mteb {mteb.__version__} (adapters tested with {TESTED_WITH}) lacks convert_v1_dataset_format_to_v2")
 
 
 def retrieval_scores(results: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]):
@@ -42,8 +43,9 @@ def ndcg_at_10(results: dict, qrels: dict) -> float:
 
 
 def per_query_ndcg(results: dict, qrels: dict) -> pd.Series:
-    """nDCG@10 of every query, with mteb's metric, indexed by query id."""
-    scores = retrieval_scores(results, qrels).all_scores
+    """nDCG@10 of every query that `results` ranks, indexed by query id: pytrec_eval's `ndcg_cut_10`, the number mteb
+    averages into its score (calculate_retrieval_scores would also compute every other metric: seconds per row)."""
+    scores = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(results)
     return pd.Series({qid: s["ndcg_cut_10"] for qid, s in scores.items()}).sort_index()
 
 
@@ -78,23 +80,52 @@ def load_local_task(task, data_dir) -> None:
     task.data_loaded = True
 
 
-class RowSearch(SearchEncoderWrapper):
-    """mteb's SearchEncoderWrapper for one row of the table (its index backend searches as the row's method does),
-    keeping each task's rankings in memory for the per-query significance tests."""
+class TaskEmbeddings:
+    """The float embeddings of each task's documents and queries, built by mteb's own dataloader and read through the
+    cached encoder once per task, split and subset, then kept in memory for every row (each row otherwise rebuilds
+    the dataloader and reads the cache again: most of a warm row's time)."""
 
-    def __init__(self, encoder, row: str, index):
-        super().__init__(encoder, index_backend=index)
-        self.mteb_model_meta = encoder.mteb_model_meta.model_copy(update=dict(revision=row))
-        self.rankings = {}
+    def __init__(self, encoder, batch_size: int):
+        self.encoder, self.batch_size, self.arrays = encoder, batch_size, {}
 
-    def search(self, queries, *, task_metadata, hf_split, **kwargs):
-        results = super().search(queries, task_metadata=task_metadata, hf_split=hf_split, **kwargs)
+    def get(self, dataset, prompt_type, task_metadata, hf_split: str, hf_subset: str) -> np.ndarray:
+        from mteb._create_dataloaders import create_dataloader
+
+        key = task_metadata.name, hf_split, hf_subset, prompt_type
+        if key not in self.arrays:
+            loader = create_dataloader(dataset, task_metadata=task_metadata, prompt_type=prompt_type, batch_size=self.batch_size)
+            self.arrays[key] = np.asarray(self.encoder.encode(loader, task_metadata=task_metadata, hf_split=hf_split,
+                                                              hf_subset=hf_subset, prompt_type=prompt_type,
+                                                              batch_size=self.batch_size), dtype=np.float32)
+        if len(self.arrays[key]) != len(dataset):
+            raise RuntimeError(f"{task_metadata.name} {hf_split}: {len(dataset)} {prompt_type.value}s, {len(self.arrays[key])} embeddings")
+        return self.arrays[key]
+
+
+class RowSearch:
+    """One row of the table as an mteb search model (mteb's public SearchProtocol: index, search, mteb_model_meta):
+    the shared float embeddings, stored and searched as the row's method does (`index_backend`, a MethodIndex). It
+    keeps each task's ranking for the per-query significance tests; the row's name is mteb's model revision."""
+
+    def __init__(self, embeddings: TaskEmbeddings, row: str, index):
+        self.embeddings, self.index_backend, self.doc_ids, self.rankings = embeddings, index, [], {}
+        self.mteb_model_meta = embeddings.encoder.mteb_model_meta.model_copy(update=dict(revision=row))
+
+    def index(self, corpus, *, task_metadata, hf_split: str, hf_subset: str, **kwargs) -> None:
+        docs = self.embeddings.get(corpus, PromptType.document, task_metadata, hf_split, hf_subset)
+        self.doc_ids = list(corpus["id"])
+        self.index_backend.add_documents(docs, self.doc_ids)
+
+    def search(self, queries, *, task_metadata, hf_split: str, hf_subset: str, top_k: int, top_ranked=None, **kwargs) -> dict:
+        if top_ranked is not None:
+            raise UsageError(f"{task_metadata.name} re-ranks given candidates; only full-corpus retrieval is supported")
+        embeddings = self.embeddings.get(queries, PromptType.query, task_metadata, hf_split, hf_subset)
+        scores, ids = self.index_backend.search(embeddings, top_k)
+        self.index_backend.clear()
+        doc_ids = self.doc_ids
+        results = {q: {doc_ids[j]: s for j, s in zip(row_ids, row_scores)} for q, row_ids, row_scores in zip(queries["id"], ids, scores)}
         self.rankings[task_metadata.name, hf_split] = results
         return results
-
-    def _sort_full_corpus_results(self, *, sub_corpus_ids, **kwargs):
-        # mteb indexes a datasets Column once per hit here (minutes for 300 queries x 1,000 hits); a list is instant
-        return super()._sort_full_corpus_results(sub_corpus_ids=list(sub_corpus_ids), **kwargs)
 
 
 def get_retrieval_tasks(names: list[str], data_dir=None) -> list:

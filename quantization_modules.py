@@ -17,6 +17,7 @@ import datetime
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -341,7 +342,7 @@ def load_checkpoint(path: Path, model_name: str, embedding_dim: int, protocol: s
     if meta.get("dimension") != str(embedding_dim):
         raise UsageError(f"{path} is for dimension {meta.get('dimension')}, but {model_name} gives {embedding_dim}")
     if protocol is not None and meta.get("protocol", "transfer") != protocol:
-        raise UsageError(f"{path} was made under protocol {meta.get('protocol')!r}, not {protocol!r}")
+        raise UsageError(f"{path} was made under protocol {meta.get('protocol', 'transfer')!r}, not {protocol!r}")
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UsageError(f"{path}: tensor {name!r} holds {int((~torch.isfinite(tensor)).sum())} non-finite values")
@@ -491,7 +492,11 @@ def main(argv=None) -> None:
         date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         for name in [m for m in args.methods if m not in trained]:
             start, method = time.time(), methods.make_method(name, dim)
-            method.fit(embeddings)
+            try:
+                method.fit(embeddings)
+            except RuntimeError as e:  # faiss: e.g. fewer fitting texts than k-means centroids or PCA components
+                raise UsageError(f"{name}: cannot be fitted on {len(embeddings):,} texts "
+                                 f"({str(e).splitlines()[0].split('failed: ')[-1]})") from None
             to_save.append((checkpoint_path(args.out, args.model, method.checkpoint, args.protocol), method.state(),
                             common | {"method": name, "fitted_on": f"{len(embeddings):,} fitting texts", "date": date}))
             print(f"{name}: fitted on {len(embeddings):,} texts in {time.time() - start:.1f}s")
@@ -520,13 +525,18 @@ def main(argv=None) -> None:
             print(f"{name}: chose init {init} (validation mean nDCG@10 {scores[init]['mean']:.4f}); "
                   f"{len(scores)} candidates trained in {time.time() - start:.1f}s, {quantizer.bits_per_vector} bits")
         print(f"training all candidates took {time.time() - start_all:.1f}s")
-        for path, tensors, metadata in to_save:
-            save_checkpoint(path, tensors, metadata)
+        ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the set is written whole: Ctrl-C waits the milliseconds
+        try:
+            for path, tensors, metadata in to_save:
+                save_checkpoint(path, tensors, metadata)
+        finally:
+            signal.signal(signal.SIGINT, ctrl_c)
         print(f"wrote {len(to_save)} checkpoints to {checkpoint_path(args.out, args.model, 'x', args.protocol).parent}")
     except UsageError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted; no checkpoint was written (a rerun encodes nothing the cache already holds)")
+    except KeyboardInterrupt:  # the shell's convention for Ctrl-C: 130 (sys.exit with a message would exit 1)
+        print("interrupted; no checkpoint was written (a rerun encodes nothing the cache already holds)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

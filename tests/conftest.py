@@ -5,8 +5,12 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -102,7 +106,7 @@ def scifact_slice(tmp_path_factory, shared_beir) -> Path:
     source = shared_beir / "scifact"
     corpus, queries, qrels = data.load_beir(source, "test")
     qids = sorted(qrels, key=int)[:60]
-    relevant = {d for q in qids for d in qrels[q]}
+    relevant = list(dict.fromkeys(d for q in qids for d in qrels[q]))  # in a fixed order, run after run
     others = [d for d in corpus if d not in relevant][:400]
     folder = tmp_path_factory.mktemp("slice") / "scifact"
     write_beir(folder, {d: corpus[d] for d in [*relevant, *others]}, {q: queries[q] for q in qids},
@@ -149,7 +153,7 @@ def task_with_ties(scifact_slice, tmp_path_factory) -> Path:
 @contextlib.contextmanager
 def one_faiss_thread():
     """faiss on one OpenMP thread: on two cores shared with other jobs, two threads made k-means and PCA 2-10x slower
-    (bench_search.py does the same). The results do not depend on it."""
+    and the seeded random rotation of lsh384 100x (bench_search.py does the same). The results do not depend on it."""
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
@@ -254,6 +258,28 @@ def evaluate(*args) -> str:
 
         ev.main([str(a) for a in args])
     return out.getvalue()
+
+
+PROGRESS_BAR = re.compile(r"^[^|]*: *\d+%\|")  # a tqdm line: "rows:  17%|█▋        | 1/6 [00:00<00:01, 4.44 rows/s]"
+
+
+def interrupt(script: str, args: list, marker: bytes, stream: str = "stdout", env: dict | None = None) -> tuple[int, list[str]]:
+    """Run `script` with `args` in its own process, as a user would, and press Ctrl-C (a real SIGINT) 0.1 s after its
+    `stream` shows `marker` (long enough to be past the code that printed it). Returns the exit code and the lines
+    written to stderr, progress bars left out."""
+    process = subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, bufsize=0, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    seen = b""
+    try:
+        while marker not in seen and (byte := getattr(process, stream).read(1)):
+            seen += byte
+        time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()  # only if it is still running
+    stderr = ((seen if stream == "stderr" else b"") + stderr).decode()
+    return process.returncode, [line for line in stderr.splitlines() if line.strip() and not PROGRESS_BAR.match(line)]
 
 
 @pytest.fixture(scope="session")

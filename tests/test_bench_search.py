@@ -283,3 +283,10 @@ def test_bad_input_is_one_error_line(args):
     assert proc.returncode != 0
     assert proc.stderr.startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_a_small_n_without_rescore_k_names_n_not_the_default_rescore_k():
+    """`--n 15` alone: the one thing wrong is --n; the default --rescore-k (50 > 15) is not the user's to fix."""
+    with pytest.raises(SystemExit) as exit_info:
+        bs.main(["--n", "15"])
+    assert exit_info.value.code == "error: --n must be at least 256 (PQ trains 256 centroids on the documents), got 15"

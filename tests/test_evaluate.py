@@ -2,11 +2,15 @@
 `evaluated`), its numbers against mteb's own JSON and against the ranking training validates with, the in-domain
 protocol, and every kind of bad input and bad checkpoint refused with one line and nothing written."""
 
+import datetime
+import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -18,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import methods
 import mteb_adapter
 import quantization_modules as qm
-from conftest import ROOT, evaluate, one_faiss_thread
+from conftest import ROOT, evaluate, interrupt, one_faiss_thread
 from encoders import DEFAULT_MODEL, model_slug
 from test_methods import BITS, STORED_BYTES
 
@@ -67,10 +71,12 @@ def test_retention_and_deltas_are_measured_against_mtebs_own_scores(evaluated):
         # a mean of per-query differences is the difference of the means: the paired tests saw the same queries
         assert metric(rows, "delta_vs_float")[row] == pytest.approx(score - float_score, abs=2e-5), row
         assert metric(rows, "delta_vs_stage1_zero")[row] == pytest.approx(score - scores["stage1_zero"], abs=2e-5), row
-        assert metric(rows, "delta_vs_float_ci_low")[row] <= metric(rows, "delta_vs_float")[row] <= metric(rows, "delta_vs_float_ci_high")[row]
+        low, high = metric(rows, "delta_vs_float_ci_low")[row], metric(rows, "delta_vs_float_ci_high")[row]
+        assert low <= metric(rows, "delta_vs_float")[row] <= high, row
     assert retention["stage1_zero"] < 0.95 and retention["pq24"] < 0.9  # the slice separates the methods
     # 60 queries: sign bits are significantly worse than float, rescoring all 50 candidates is not
-    assert metric(rows, "p_vs_float")["stage1_zero"] < 0.01 and metric(rows, "p_vs_float")["stage1_zero+rescore"] > 0.05
+    p = metric(rows, "p_vs_float")
+    assert p["stage1_zero"] < 0.01 and p["stage1_zero+rescore"] > 0.05
 
 
 def test_asym_rows_beat_hamming_on_real_data(evaluated):
@@ -79,29 +85,34 @@ def test_asym_rows_beat_hamming_on_real_data(evaluated):
     assert np.mean(list(gains.values())) > 0.02 and min(gains.values()) > -0.02, gains  # a reversed ranking: about -0.8
 
 
+def ties_that_count(ranking: dict, qrels: dict) -> int:
+    """Relevant documents in a query's top 10 that tie with their copy: the order pytrec_eval gives them sets nDCG@10."""
+    return sum(d in ranking[q] and ranking[q][d] == ranking[q].get("copy-" + d)
+               and ranking[q][d] >= sorted(ranking[q].values(), reverse=True)[9] for q in qrels for d in qrels[q])
+
+
 def test_validation_in_training_and_the_evaluation_report_give_the_same_ndcg(evaluated, fitted, task_embeddings):
     """One ranker: every row's nDCG@10 in the CSV equals methods.rank + mteb_adapter.ndcg_at_10 (what the training
     command validates with) on the same data, here with exact ties (copied documents), and equals what the training
     command itself printed and stored."""
     task = {k: task_embeddings[k] for k in ("docs", "queries", "doc_ids", "query_ids")}
-    qrels = task_embeddings["qrels"]
-    ndcg = metric(evaluated.rows, "ndcg_at_10")
-    ties = 0
+    qrels, ndcg = task_embeddings["qrels"], metric(evaluated.rows, "ndcg_at_10")
     for name in ev.DEFAULT_METHODS:
         method = methods.load_method(name, 384, DEFAULT_MODEL, fitted.checkpoints, "transfer")[0]
         for row, mode in methods.rows_of(name, method).items():
             ranking = methods.rank(method, mode, **task)
             assert mteb_adapter.ndcg_at_10(ranking, qrels) == pytest.approx(ndcg[row], abs=1e-5), row
-            if mode == "hamming":  # a copy and its original tie; pytrec_eval orders them by id, the copy first
-                ties += sum(ranking[q].get(d) == ranking[q].get("copy-" + d) for q in qrels for d in qrels[q] if "copy-" + d in ranking[q])
-    assert ties >= 10 * len(BINARY)
-    printed = {line.split()[0]: float(line.split()[-1]) for line in fitted.stdout.splitlines() if " validation nDCG@10 " in line
-               and not line.startswith(" ")}
-    assert printed["float"] == pytest.approx(ndcg["float"], abs=5e-5) and printed["stage1_zero"] == pytest.approx(ndcg["stage1_zero"], abs=5e-5)
+            if mode == "hamming":
+                assert ties_that_count(ranking, qrels) >= 5, row
+    printed = {line.split()[0]: float(line.split()[-1]) for line in fitted.stdout.splitlines()
+               if " validation nDCG@10 " in line and not line.startswith(" ")}  # "float  validation nDCG@10 ... mean 0.8606"
+    for name in ("float", "stage1_zero"):
+        assert printed[name] == pytest.approx(ndcg[name], abs=5e-5), name
     for name in methods.LEARNED:
         path = qm.checkpoint_path(fitted.checkpoints, DEFAULT_MODEL, methods.make_method(name, 384).checkpoint)
         meta = safe_open(str(path), framework="pt").metadata()
-        assert json.loads(meta["validation_ndcg_at_10"])[meta["initialisation"]]["SciFact"] == pytest.approx(ndcg[name], abs=1e-5)
+        chosen = json.loads(meta["validation_ndcg_at_10"])[meta["initialisation"]]
+        assert chosen["SciFact"] == pytest.approx(ndcg[name], abs=1e-5), name
 
 
 def test_in_domain_evaluation_reads_in_domain_checkpoints_and_measures_against_float_adapted(fitted_in_domain, fitted,
@@ -131,12 +142,16 @@ def test_in_domain_evaluation_reads_in_domain_checkpoints_and_measures_against_f
     assert not (tmp_path / "other" / "latest.csv").exists()
 
 
-def test_a_rerun_encodes_nothing_and_the_report_names_only_the_references_it_has(tmp_path, tiny_beir):
+def test_a_rerun_encodes_nothing_and_the_report_names_only_the_references_it_has(tmp_path, tiny_beir, monkeypatch):
     args = ["--tasks", "SciFact", "--data-dir", tiny_beir, "--cache-dir", tmp_path / "cache", "--output", tmp_path / "results"]
     evaluate(*args, "--methods", "stage1_zero", "--modes", "asym")
     markdown = (tmp_path / "results" / "latest.md").read_text()
     assert "† differs from stage1_zero" in markdown and "differs from float" not in markdown and "retention" not in markdown
     cache_files = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a run whose texts are all cached loaded the model")
+    monkeypatch.setattr(ev, "load_base_model", no_model)
     evaluate(*args, "--methods", "float")
     assert cache_files and cache_files == {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
     assert metric(pd.read_csv(tmp_path / "results" / "latest.csv"), "ndcg_at_10")["float"] > 0.9
@@ -301,3 +316,73 @@ def test_hub_failure_is_one_line_pointing_to_data_dir(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot load SciFact") and "--data-dir" in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def files_under(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_leaves_no_output_or_temporary_file(tmp_path, tiny_beir):
+    """A real SIGINT while mteb evaluates the rows (the progress bar shows the first of 11 done)."""
+    (tmp_path / "tmp").mkdir()
+    code, stderr = interrupt("evaluate_quantization_mteb.py", [
+        "--tasks", "SciFact", "--data-dir", tiny_beir, "--methods", "float", "float16", "bfloat16", "stage1_zero", "lsh384",
+        "--cache-dir", tmp_path / "cache", "--output", tmp_path / "results"], b"| 1/", "stderr", {"TMPDIR": str(tmp_path / "tmp")})
+    assert (code, stderr) == (130, ["interrupted; a rerun resumes from the cache"])  # one line: no traceback
+    assert not (tmp_path / "results").exists()
+    assert not [p for p in (tmp_path / "cache").rglob("*.tmp")]
+    assert not list((tmp_path / "tmp").glob("mteb-results-*"))  # the folder mteb's JSON goes to first: removed too
+
+
+@pytest.mark.parametrize("failing, whole", [("20300102-030405.csv", []),
+                                            ("latest.csv", ["20300102-030405.csv", "20300102-030405.md"])])
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_or_half_written_file(failing, whole, tmp_path, tiny_beir,
+                                                                              monkeypatch):
+    """The disk fills while a result file is written (half of it reaches the disk, then ENOSPC): one error line naming
+    the file, no temporary file, and the output folder holds only files written whole before it: none when the first
+    file fails, the timestamped pair when latest.csv fails."""
+    output, real_write, intended = tmp_path / "results", Path.write_bytes, {}
+    monkeypatch.setattr(ev, "datetime", SimpleNamespace(datetime=SimpleNamespace(
+        now=lambda: datetime.datetime(2030, 1, 2, 3, 4, 5))))
+
+    def full_disk(path, data):
+        if path.parent == output:
+            name = path.name[1:].rsplit(".", 2)[0]  # write_atomic's temporary file: .<name>.<pid>.tmp
+            intended[name] = data
+            if name == failing:
+                real_write(path, data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate("--tasks", "SciFact", "--data-dir", tiny_beir, "--methods", "stage1_zero", "--modes",
+                 "--cache-dir", tmp_path / "cache", "--output", output)
+    assert exit_info.value.code == f"error: cannot write {output / failing} (No space left on device)"
+    assert files_under(output) == {name: intended[name] for name in whole}
+    assert output.exists() == bool(whole)  # a folder the failed write created is removed with it
+
+
+def test_two_runs_in_the_same_second_write_two_timestamped_files(tmp_path, tiny_beir, monkeypatch):
+    monkeypatch.setattr(ev, "datetime", SimpleNamespace(datetime=SimpleNamespace(
+        now=lambda: datetime.datetime(2030, 1, 2, 3, 4, 5))))  # every run starts its report in this second
+    output = tmp_path / "results"
+    common = ["--tasks", "SciFact", "--data-dir", tiny_beir, "--modes", "--cache-dir", tmp_path / "cache", "--output", output]
+    evaluate(*common, "--methods", "stage1_zero")
+    first = files_under(output)
+    evaluate(*common, "--methods", "float")
+    second = files_under(output)
+    assert {name: second[name] for name in ("20300102-030405.csv", "20300102-030405.md")} == {
+        name: first[name] for name in ("20300102-030405.csv", "20300102-030405.md")}  # unchanged
+    assert set(pd.read_csv(output / "20300102-030405.csv").method) == {"stage1_zero"}
+    assert set(pd.read_csv(output / "20300102-030405-1.csv").method) == {"float"}
+    assert second["20300102-030405-1.md"] == second["latest.md"] and second["20300102-030405-1.csv"] == second["latest.csv"]
+
+
+def test_a_failure_after_the_writability_check_leaves_no_new_output_folder(tmp_path, tiny_beir):
+    """The output folder is proved writable first, but created only when the results exist: a missing checkpoint,
+    found after that check (as the methods load), leaves no empty folder (nor its parent) behind."""
+    with pytest.raises(SystemExit, match="error: no checkpoint at"):
+        evaluate("--tasks", "SciFact", "--data-dir", tiny_beir, "--methods", "float", "pq48", "--checkpoints",
+                 tmp_path / "empty", "--cache-dir", tmp_path / "cache", "--output", tmp_path / "new" / "results")
+    assert not (tmp_path / "new").exists()

@@ -46,15 +46,16 @@ def test_a_local_task_keeps_its_name_and_evaluator_and_reads_the_folder(tiny_bei
 
 
 def test_a_row_through_mteb_returns_the_ranking_methods_rank_gives(tiny_beir, model):
-    """RowSearch (mteb's SearchEncoderWrapper with its sort step replaced) around a row's MethodIndex: mteb's score,
-    the ranking it keeps, and methods.rank on the same embeddings agree, and the row's name is mteb's revision."""
+    """RowSearch (an mteb SearchProtocol model) around a row's MethodIndex: mteb's score, the ranking it keeps, and
+    methods.rank on the same embeddings agree, and the row's name is mteb's revision."""
     [task] = mteb_adapter.get_retrieval_tasks(["SciFact"], tiny_beir)
     encoder = mteb.models.SentenceTransformerEncoderWrapper(model)
     encoder.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(
         name="local/minilm", revision="float", embed_dim=384, similarity_fn_name=ScoringFunction.COSINE,
         framework=["Sentence Transformers", "PyTorch"]))
     method = methods.make_method("stage1_zero", 384)
-    search = mteb_adapter.RowSearch(encoder, "stage1_zero+asym", methods.MethodIndex(method, "asym"))
+    search = mteb_adapter.RowSearch(mteb_adapter.TaskEmbeddings(encoder, 32), "stage1_zero+asym", methods.MethodIndex(method, "asym"))
+    assert isinstance(search, mteb.SearchProtocol), VERSION
     assert search.mteb_model_meta.revision == "stage1_zero+asym", VERSION
     result = mteb.evaluate(search, tasks=[task], cache=None, show_progress_bar=False)
     ranking = search.rankings["SciFact", "test"]

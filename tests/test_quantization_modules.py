@@ -2,6 +2,8 @@
 real fitting texts): what it reads, what it fits on, and that what it writes loads and scores."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ import encoders
 import methods
 import mteb_adapter
 import quantization_modules as qm
+from conftest import PROGRESS_BAR, TINY_DOCS, interrupt
 from encoders import DEFAULT_MODEL
 
 pytestmark = pytest.mark.usefixtures("faiss_one_thread")
@@ -83,7 +86,8 @@ def test_training_moves_the_thresholds_to_where_code_cosines_match_float_cosines
     def code_loss_and_mean_cosine(quantizer):
         codes = qm.to_signed(quantizer.quantize(held_out))
         cosines = torch.nn.functional.normalize(codes, dim=1) @ torch.nn.functional.normalize(codes, dim=1).T
-        return qm.similarity_preservation_loss(held_out, codes).item(), (cosines.sum() - len(codes)).item() / len(codes) / (len(codes) - 1)
+        mean_cosine = (cosines.sum() - len(codes)).item() / len(codes) / (len(codes) - 1)  # off the diagonal
+        return qm.similarity_preservation_loss(held_out, codes).item(), mean_cosine
 
     unit = torch.nn.functional.normalize(held_out, dim=1)
     float_cosine = ((unit @ unit.T).sum() - len(unit)).item() / len(unit) / (len(unit) - 1)
@@ -121,7 +125,8 @@ def test_each_activation_trains_and_the_best_validation_candidate_is_kept():
     pairs = (torch.arange(0, 300, 2), torch.arange(1, 300, 2), torch.arange(150) % 3)
     for activation in qm.ACTIVATIONS:
         quantizer = qm.QuantizationModuleStage1(384)
-        losses = qm.train_quantizer(quantizer, x, pairs, epochs=2, batch_size=64, activation=activation, contrastive_weight=1.0, verbose=False)
+        losses = qm.train_quantizer(quantizer, x, pairs, epochs=2, batch_size=64, activation=activation,
+                                    contrastive_weight=1.0, verbose=False)
         assert len(losses) == 2 and not quantizer.straight_through
         assert quantizer.temperature == (qm.ANNEAL[1] if activation == "anneal" else qm.TEMPERATURE)
     # a validation that prefers thresholds near 0.01: the kept quantiser is the candidate that scored best
@@ -157,7 +162,8 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     quantizer.thresholds.data = torch.linspace(-0.1, 0.1, 384)
     path = qm.checkpoint_path(tmp_path, "org/model", "stage2")
     assert path == tmp_path / "org__model" / "stage2.safetensors"
-    assert qm.checkpoint_path(tmp_path, "org/model", "stage2", "in-domain") == tmp_path / "org__model" / "in-domain" / "stage2.safetensors"
+    in_domain = qm.checkpoint_path(tmp_path, "org/model", "stage2", "in-domain")
+    assert in_domain == tmp_path / "org__model" / "in-domain" / "stage2.safetensors"
     qm.save_quantizer(path, quantizer, {"base_model": "org/model", "protocol": "transfer", "training_sources": {"a": 3}})
     loaded, meta = qm.load_quantizer(path, "org/model", 384, qm.QuantizationModuleStage2, "transfer")
     assert isinstance(loaded, qm.QuantizationModuleStage2) and loaded.temperature == 7.0 and not loaded.training
@@ -343,3 +349,88 @@ def test_embed_texts_reads_other_caches_instead_of_encoding_again(tmp_path, mode
     first = encoders.embed_texts(model, texts, tmp_path / "task_documents")
     again = encoders.embed_texts(None, texts[::-1], tmp_path / "training", also=[tmp_path / "task_documents"])  # no model needed
     assert np.array_equal(again, first[::-1])
+
+
+def test_too_few_fitting_texts_for_a_codebook_is_one_line_and_writes_nothing(tmp_path, task_with_ties, embedding_cache):
+    """pq48 learns 256 centroids per sub-quantiser: faiss refuses fewer texts; the command says so in one line."""
+    train = tmp_path / "train"
+    (train / "pairs").mkdir(parents=True)
+    (train / "pairs" / "p.jsonl").write_text("".join(json.dumps({"anchor": f"question {i}", "positive": f"answer number {i}"}) + "\n"
+                                                     for i in range(50)))
+    with pytest.raises(SystemExit) as exit_info:
+        qm.main(["--train-data", str(train), "--data-dir", str(task_with_ties), "--tasks", "SciFact", "--methods", "int8", "pq48",
+                 "--out", str(tmp_path / "ck"), "--cache-dir", str(embedding_cache)])
+    message = str(exit_info.value)
+    assert message == "error: pq48: cannot be fitted on 100 texts (Number of training points (100) should be at least as " \
+                      "large as number of clusters (256))", message
+    assert not (tmp_path / "ck").exists() or not list((tmp_path / "ck").rglob("*.safetensors"))  # not even int8's
+
+
+@pytest.fixture
+def tiny_training(tmp_path, tiny_beir) -> list:
+    """The smallest data the training command takes: the tiny set with its test qrels also as dev (validation), and
+    (title, text) pairs of its documents as the transfer pairs. Returns the command's data and cache arguments."""
+    shutil.copy(tiny_beir / "scifact" / "qrels" / "test.tsv", tiny_beir / "scifact" / "qrels" / "dev.tsv")
+    (tmp_path / "train" / "pairs").mkdir(parents=True)
+    (tmp_path / "train" / "pairs" / "tiny.jsonl").write_text(
+        "".join(json.dumps({"anchor": title, "positive": text}) + "\n" for title, text in TINY_DOCS.values()))
+    return ["--train-data", tmp_path / "train", "--data-dir", tiny_beir, "--tasks", "SciFact", "--cache-dir", tmp_path / "cache"]
+
+
+def previous_checkpoints(out: Path) -> dict[str, bytes]:
+    """Stand-ins for an earlier run's int8, Stage 1 and Stage 2 checkpoints in `out`; returns every file under `out`."""
+    for stem in ("int8", "stage1", "stage2"):
+        path = qm.checkpoint_path(out, DEFAULT_MODEL, stem)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"the previous run's {stem}".encode())
+    return files_under(out)
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+INTERRUPTED = "interrupted; no checkpoint was written (a rerun encodes nothing the cache already holds)"
+
+
+def test_ctrl_c_during_training_prints_one_line_exits_130_and_writes_no_checkpoint(tiny_training, tmp_path):
+    """A real SIGINT while Stage 1's candidates train (the progress bar shows the first of 10 done; int8 is fitted)."""
+    previous = previous_checkpoints(tmp_path / "ck")
+    code, stderr = interrupt("quantization_modules.py", [*tiny_training, "--out", tmp_path / "ck", "--methods", "int8",
+                                                         "stage1_trained", "--random-inits", "8", "--epochs", "100"],
+                             b"| 1/", "stderr")
+    assert (code, stderr) == (130, [INTERRUPTED])  # one line: no traceback
+    assert files_under(tmp_path / "ck") == previous
+
+
+def test_an_interrupted_training_run_leaves_the_previous_checkpoints_byte_identical(tiny_training, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """Ctrl-C while the last learned method trains, after int8 was fitted and Stage 1 trained: none of their new
+    checkpoints is written, so the new Stage 1 never sits beside the old Stage 2."""
+    previous, real, trained = previous_checkpoints(tmp_path / "ck"), qm.train_candidates, []
+
+    def interrupted_at_the_last(build, *args, **kwargs):
+        trained.append(build().method)
+        if len(trained) == 2:
+            raise KeyboardInterrupt
+        return real(build, *args, **kwargs)
+
+    monkeypatch.setattr(qm, "train_candidates", interrupted_at_the_last)
+    with pytest.raises(SystemExit) as exit_info:
+        qm.main([*map(str, tiny_training), "--out", str(tmp_path / "ck"), "--methods", "int8", "stage1_trained",
+                 "stage2_trained", "--random-inits", "0", "--epochs", "1"])
+    assert exit_info.value.code == 130 and trained == ["stage1", "stage2"]
+    stderr = capsys.readouterr().err
+    assert [line for line in stderr.splitlines() if line.strip() and not PROGRESS_BAR.match(line)] == [INTERRUPTED]
+    assert files_under(tmp_path / "ck") == previous
+
+
+def test_a_training_failure_after_the_writability_check_leaves_no_new_checkpoint_folder(tiny_beir, tmp_path):
+    """The checkpoint folder is proved writable first, but created only when the checkpoints are written: a task
+    without validation queries, found after the check, leaves no empty folder (nor its parent) behind."""
+    (tmp_path / "train" / "pairs").mkdir(parents=True)
+    (tmp_path / "train" / "pairs" / "p.jsonl").write_text('{"anchor": "a", "positive": "b"}\n')
+    with pytest.raises(SystemExit, match="error: SciFact: no validation queries"):
+        qm.main(["--train-data", str(tmp_path / "train"), "--data-dir", str(tiny_beir), "--tasks", "SciFact",
+                 "--out", str(tmp_path / "new" / "ck"), "--cache-dir", str(tmp_path / "cache")])
+    assert not (tmp_path / "new").exists()
