@@ -524,7 +524,8 @@ def main(argv=None) -> None:
             }))
             print(f"{name}: chose init {init} (validation mean nDCG@10 {scores[init]['mean']:.4f}); "
                   f"{len(scores)} candidates trained in {time.time() - start:.1f}s, {quantizer.bits_per_vector} bits")
-        print(f"training all candidates took {time.time() - start_all:.1f}s")
+        if trained:
+            print(f"training all candidates took {time.time() - start_all:.1f}s")
         ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the set is written whole: Ctrl-C waits the milliseconds
         try:
             for path, tensors, metadata in to_save:
