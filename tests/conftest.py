@@ -150,16 +150,8 @@ def task_with_ties(scifact_slice, tmp_path_factory) -> Path:
     return folder
 
 
-@contextlib.contextmanager
-def one_faiss_thread():
-    """faiss on one OpenMP thread: on two cores shared with other jobs, two threads made k-means and PCA 2-10x slower
-    and the seeded random rotation of lsh384 100x (bench_search.py does the same). The results do not depend on it."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(threads)
+one_faiss_thread = methods.one_faiss_thread  # also on two cores shared with other jobs: two threads made k-means
+# and PCA 2-10x slower and lsh384's rotation 100x (bench_search.py pins its own threads too)
 
 
 @pytest.fixture
