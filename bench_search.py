@@ -1,21 +1,44 @@
-"""Search benchmark: float32 exact search vs packed binary codes (Stage 1, Stage 2), binary + rescoring, and the
-compressed families faiss has (int8 / int4 scalar quantisation, PQ, PQ fast scan, RaBitQ, RaBitQ fast scan).
+"""Search benchmark: every row of the registry (methods.METHODS, each method in each search mode), timed through the
+evaluation's own search, methods.MethodIndex, against the machine's memory bandwidth.
 
-Every method is timed in every configuration a user could pick: one index or shards (one index per core, searched
-at once and merged), each with 1 OpenMP thread or all of them. Each method's best configuration is compared against
-float's best, for one query (p50) and for a batch. The same run measures the machine's memory read bandwidth and
-gives each method its floor: the bytes one query must read divided by the all-core bandwidth. Exhaustive search over
-many vectors is bound by memory, so the floor is the physical limit a time should be read against. All top-10. The
-last line of stdout is JSON: per method its best configuration's times, plus the bandwidth and two floors.
+Each registry method that applies at the dimension is built with methods.make_method, fitted on a sample of the
+documents when its entry is fitted on texts (one faiss thread, as the training command fits), and added with
+MethodIndex(method, mode, rescore_k, rescorer).add_documents: the rows the evaluation reports, searched by the code
+it searches with. Learned methods (fitted_on "training") run as constructed: zero thresholds, identity rotation,
+evenly spaced levels; their search does the same work whatever the thresholds, so the timing holds for trained ones.
+A re-ranking mode is timed at each --rescore-k (the depth study); its rows share one build, which does not depend on
+k. rerank_int8 gathers from an int8 method fitted like the evaluation's rescorer. float_adapted is skipped: the same
+declaration as float (a registry method that repeats an earlier one's family, settings and fitting is timed once).
 
-    python bench_search.py                        # 1,000,000 random unit vectors, dimension 384
-    python bench_search.py --n 20000              # a quick run
-    python bench_search.py --embeddings emb.npy   # cached float embeddings (float32 .npy, one row per vector)
+Every row is timed with faiss (OpenMP) and BLAS on 1 thread and on all of them; each row's best configuration is
+compared against float's best, for one query (p50 of --single calls, which take turns: query i on every row and
+configuration, then i + 1, so a slow spell of this shared machine falls on all alike) and for one batch of --queries.
+The same run measures memory read bandwidth per thread count, and gives each row its floor: the bytes one query must
+read (methods.row_bytes for every document; for a re-ranking row the scanned codes of every document plus rescore_k
+rows of its re-rank store) divided by the all-thread bandwidth. Exhaustive search of many vectors is bound by memory,
+so the floor is the limit a time should be read against. All top-10. The last line of stdout is JSON.
+
+Earlier versions also timed shards (one index per core, merged). A row here is a MethodIndex (a faiss index, a
+binary index plus a re-rank store, or a numpy scan), not one faiss index, and sharding a re-ranking row would
+re-rank k candidates per shard, a search the evaluation does not run: the sharded layout is gone. At 1M float, one
+query on one index runs at about the one-core bandwidth (the two-shard layout reached the two-core floor).
+
+Rows that scan every code once per query (faiss's PQ, scalar-quantiser, RaBitQ and binary scanners, and the numpy
+scan of threshold levels) are timed on a batch of SCAN_QUERIES and scaled to --queries (marked *); flat float and
+fast-scan indexes, which faiss batches, on all of them. A row whose warm-up query takes long gets fewer one-query
+calls (as many as fit SINGLE_SECONDS, at least MIN_SINGLE). At N = 1,000,000 the numpy scans of threshold levels
+(asym rows) take seconds per query and the OPQ fits minutes: the output says per row how long its fit and build took,
+and --methods times a subset.
+
+    python bench_search.py                         # 1,000,000 random unit vectors, dimension 384, every method
+    python bench_search.py --n 20000               # a quick run
+    python bench_search.py --methods float stage1_zero int8 --rescore-k 50
+    python bench_search.py --embeddings emb.npy    # cached float embeddings (float32 .npy, one row per vector)
 """
 
 import argparse
+import copy
 import json
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,41 +47,36 @@ from pathlib import Path
 import faiss
 import numpy as np
 from tabulate import tabulate
+from threadpoolctl import ThreadpoolController
+from tqdm import tqdm
 
+import methods
 from data import UsageError
-from methods import BinaryCodes, build_binary_index, rescore_search
-from quantization_modules import QuantizationModuleStage1, QuantizationModuleStage2
 
 # defaults (override on the command line)
 N = 1_000_000
 DIM = 384
-QUERIES = 1000  # batch size of the throughput measurement: one search call with all of them
-SINGLE = 20  # one-query search calls per configuration for the p50 latency
-RESCORE_K = 50  # Hamming candidates re-ranked by float (or int8) dot product
+QUERIES = 1000  # batch size of the throughput measurement
+SINGLE = 20  # one-query calls per row and configuration for the p50 latency
+RESCORE_K = [10, 20, 50, 100, 200]  # depths a re-ranking row is timed at
 SEED = 0
 TOP = 10
-CHUNK = 100_000  # rows per step when generating, normalising and quantising: no big temporaries
-THREADS = faiss.omp_get_max_threads()  # "all threads": faiss's default, one per core unless OMP_NUM_THREADS says
-SHARDS = THREADS  # the second layout: one shard per core; --shards 1 times one index only
-TRAIN = 50_000  # sample the trained families (scalar quantisers, PQ, RaBitQ) are trained on
-SCAN_QUERIES = 50  # batch of the families whose faiss search scans every code once per query: scaled to --queries
+MIN_N = 256  # PQ fits 256 centroids per sub-quantiser on the sample
+TRAIN = 50_000  # documents the text-fitted methods are fitted on (the training command fits on about as many texts)
+SCAN_QUERIES = 50  # batch of the rows that scan every code once per query, scaled to --queries
+SINGLE_SECONDS = 10.0  # one-query calls of a slow row stop at about this much time per configuration...
+MIN_SINGLE = 3  # ...but not below this many calls
+CHUNK = 100_000  # rows per step when generating and normalising: no big temporaries
+THREADS = faiss.omp_get_max_threads()  # "all threads": one per core unless OMP_NUM_THREADS says otherwise
 BANDWIDTH_BYTES = 2**30  # the array the bandwidth is measured on: far larger than the caches
 BANDWIDTH_REPEATS = 5
 QUERY_NOISE = 0.01  # --embeddings: per-component noise on sampled rows, so a query is near its document, not equal
-IP = faiss.METRIC_INNER_PRODUCT
+RERANK_STORE = {"rerank": "float", "rerank_int8": "int8"}  # re-ranking mode -> the method whose rows it gathers
+BLAS = ThreadpoolController()  # numpy's OpenBLAS keeps its own threads: the numpy scans follow the configuration too
 
-# the faiss families: key -> (table name, index over float vectors, batched). Not batched: faiss scans all codes once
-# per query, so the batch time is linear in queries and is timed on SCAN_QUERIES of them.
-FAMILIES = {
-    "int8": ("int8 IndexScalarQuantizer", lambda d: faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, IP),
-             False),
-    "int4": ("int4 IndexScalarQuantizer", lambda d: faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_4bit, IP),
-             False),
-    "pq": ("PQ 8-bit IndexPQ", lambda d: faiss.IndexPQ(d, d // 8, 8, IP), False),  # d / 8 bytes, as binary
-    "pq_fastscan": ("PQ 4-bit IndexPQFastScan", lambda d: faiss.IndexPQFastScan(d, d // 4, 4, IP), True),
-    "rabitq": ("RaBitQ IndexRaBitQ", lambda d: faiss.IndexRaBitQ(d, IP), False),
-    "rabitq_fastscan": ("RaBitQ IndexRaBitQFastScan", lambda d: faiss.IndexRaBitQFastScan(d, IP), True),
-}
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
 
 
 def normalise_rows(x: np.ndarray) -> np.ndarray:
@@ -75,12 +93,8 @@ def random_unit_vectors(n: int, dim: int, rng: np.random.Generator) -> np.ndarra
     return normalise_rows(x)
 
 
-def load_data(n: int, dim: int, queries: int, seed: int, embeddings=None) -> tuple[np.ndarray, np.ndarray]:
-    """Documents (n, dim) and queries (queries, dim), unit float32: random, or the first n rows of a .npy file."""
-    rng = np.random.default_rng(seed)
-    if embeddings is None:
-        return random_unit_vectors(n, dim, rng), random_unit_vectors(queries, dim, rng)
-    path = Path(embeddings)
+def open_embeddings(path: Path, n: int, dim: int) -> np.ndarray:
+    """The .npy matrix at `path`, memory-mapped and checked (before anything slow runs)."""
     if not path.is_file():
         raise UsageError(f"embeddings file not found: {path}")
     try:
@@ -93,250 +107,313 @@ def load_data(n: int, dim: int, queries: int, seed: int, embeddings=None) -> tup
         raise UsageError(f"{path} has shape {source.shape}, want (rows, {dim}); set --dim to match")
     if n > len(source):
         raise UsageError(f"--n {n:,} is more than the {len(source):,} rows in {path}")
-    docs = normalise_rows(np.array(source[:n], dtype=np.float32))
+    return source
+
+
+def load_data(n: int, dim: int, queries: int, seed: int, embeddings: Path | None = None):
+    """Documents (n, dim) and queries (queries, dim), unit float32: random, or the first n rows of a .npy file."""
+    rng = np.random.default_rng(seed)
+    if embeddings is None:
+        return random_unit_vectors(n, dim, rng), random_unit_vectors(queries, dim, rng)
+    docs = normalise_rows(np.array(open_embeddings(embeddings, n, dim)[:n], dtype=np.float32))
     # queries: sampled documents plus noise, so each has a true near neighbour as real queries do
     q = docs[rng.integers(0, n, queries)] + QUERY_NOISE * rng.standard_normal((queries, dim), dtype=np.float32)
     return docs, normalise_rows(q)
 
 
-def read_bandwidth(threads: int, nbytes: int, repeats: int) -> float:
-    """GB/s at which `threads` cores read memory: the best of `repeats` max-reductions of a float32 array of `nbytes`
-    (far larger than the caches), each thread over its own slice (numpy releases the GIL). Max is the fastest numpy
-    reduction here (sum is slower) and runs about 3x faster on an array that fits in cache: this is memory's speed."""
+def read_bandwidth(threads: int, nbytes: int, repeats: int, read=np.max) -> float:
+    """GB/s at which `threads` cores read memory: the best of `repeats` passes of `read` (numpy max, the fastest
+    reduction here; about 3x faster on an array that fits in cache, so this is memory's speed) over a float32 array
+    of `nbytes`, each thread over its own slice (numpy releases the GIL)."""
     parts = np.array_split(np.ones(nbytes // 4, dtype=np.float32), threads)
     best = np.inf
     with ThreadPoolExecutor(threads) as pool:
         for _ in range(repeats):
             start = time.perf_counter()
-            list(pool.map(np.max, parts))
+            list(pool.map(read, parts))
             best = min(best, time.perf_counter() - start)
     return nbytes / best / 1e9
 
 
-def encode(quantizer, x: np.ndarray) -> np.ndarray:
-    """Packed codes of float vectors from one of the project's quantisers, through the registry's BinaryCodes.encode:
-    the evaluation's and load_encoder's own quantise-then-pack, in chunks."""
-    method = BinaryCodes(x.shape[1], quantizer)
-    return np.concatenate([method.encode(x[s : s + CHUNK]) for s in range(0, len(x), CHUNK)])
+# ---------------------------------------------------------------------------------------------------------------
+# the rows
 
 
-def float_index(docs: np.ndarray) -> faiss.IndexFlatIP:
-    index = faiss.IndexFlatIP(docs.shape[1])
-    index.add(docs)
-    return index
+def same_as(name: str, d: int) -> str | None:
+    """The earlier registry method whose search `name` repeats (same family, settings and fitting), or None.
+    float_adapted is float under another protocol's name."""
+    e = methods.entry(name)
+    for other, o in methods.METHODS.items():
+        if other == name:
+            return None
+        if (o.family, o.fitted_on, o.quantizer) == (e.family, e.fitted_on, e.quantizer) and o.settings(d) == e.settings(d):
+            return other
+    return None
 
 
-def trained_family(key: str, docs: np.ndarray, rng: np.random.Generator):
-    """An empty faiss index of family `key`, trained on a sample of TRAIN documents."""
-    index = FAMILIES[key][1](docs.shape[1])
-    faiss.omp_set_num_threads(1)  # k-means ran 2-12x slower on two threads than on one while other jobs used the cores
-    index.train(docs[np.sort(rng.choice(len(docs), min(TRAIN, len(docs)), replace=False))])
-    faiss.omp_set_num_threads(THREADS)
-    return index
+def plan_rows(names: list[str], d: int, depths: list[int]) -> tuple[list[dict], dict[str, str]]:
+    """The rows to time, in registry order: each method in each of its modes, a re-ranking mode once per depth; and
+    the methods skipped, with why. Static: nothing is built."""
+    rows, skipped = [], {}
+    for name in methods.METHODS:
+        if name not in names:
+            continue
+        if reason := methods.applies(name, d):
+            skipped[name] = f"does not apply at dimension {d} ({reason})"
+        elif twin := same_as(name, d):
+            skipped[name] = f"the same search as {twin}"
+        else:
+            for mode, suffix in methods.modes_of(name, d).items():
+                for k in depths if mode in RERANK_STORE else [None]:
+                    rows.append(dict(row=name + suffix + (f" k={k}" if k else ""), method=name, mode=mode, k=k))
+    return rows, skipped
 
 
-def filled(trained, rows: np.ndarray):
-    """A copy of a trained, empty faiss index with `rows` added (serialised and read back: clone_index cannot copy
-    every family)."""
-    index = faiss.deserialize_index(faiss.serialize_index(trained))
-    index.add(rows)
-    return index
+def fitted(name: str, d: int, sample: np.ndarray):
+    """The registry method, fitted on `sample` if it is fitted on texts; a trained method as constructed."""
+    method = methods.make_method(name, d)
+    if methods.entry(name).fitted_on == "texts":
+        with methods.one_faiss_thread():
+            method.fit(sample)
+    return method
 
 
-class Shards:
-    """Indexes over consecutive row ranges, searched at once (one thread each) and merged by faiss: same results and
-    memory as one index. faiss.IndexShards does this too, but its worker threads keep OpenMP's default thread count
-    whatever the caller set with omp_set_num_threads, so "shards, 1 thread each" cannot be asked of it. Here each
-    shard's search runs with the caller's setting; a test checks the results against faiss.IndexShards.
+class SharedCodes:
+    """The int8 rescorer of the rerank_int8 rows, encoding the documents once: every such row's build asks for the
+    same codes (384 MB at 1M, d = 384), so they share one array. Everything else is the int8 method's own."""
 
-    Shard 0 runs in the calling thread, shard j in a thread of its own pinned to the j-th CPU: when other jobs keep
-    every core busy, an unpinned thread woke on the caller's core and one float query took 124 ms instead of 78."""
+    def __init__(self, method, docs: np.ndarray):
+        self.method, self.docs, self.codes = method, docs, None
 
-    def __init__(self, parts: list):
-        self.parts, self.ntotal = parts, sum(part.ntotal for part in parts)
-        self.offsets = np.cumsum([0] + [part.ntotal for part in parts[:-1]])
-        self.keep_max = not isinstance(parts[0], faiss.IndexBinary)  # similarity: larger is better; Hamming: smaller
-        cpus = sorted(os.sched_getaffinity(0))
-        self.threads = [ThreadPoolExecutor(1, initializer=os.sched_setaffinity, initargs=(0, {cpus[j % len(cpus)]}))
-                        for j in range(1, len(parts))]
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        if x is not self.docs:
+            return self.method.encode(x)
+        if self.codes is None:
+            self.codes = self.method.encode(x)
+        return self.codes
 
-    def search(self, x: np.ndarray, k: int):
-        threads = faiss.omp_get_max_threads()  # per thread in OpenMP: pass the caller's on
-
-        def one(part):
-            faiss.omp_set_num_threads(threads)
-            return part.search(x, k)
-
-        others = [thread.submit(one, part) for thread, part in zip(self.threads, self.parts[1:])]
-        results = [self.parts[0].search(x, k)] + [future.result() for future in others]
-        distances = np.stack([d for d, _ in results])
-        ids = np.stack([np.where(i >= 0, i + offset, -1) for (_, i), offset in zip(results, self.offsets)])
-        return faiss.merge_knn_results(distances, ids, keep_max=self.keep_max)
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        return self.method.decode(codes)
 
 
-def sharded(build, rows: np.ndarray, shards: int):
-    """`build(rows)` as one index, or split into `shards` searched at once."""
-    parts = [build(part) for part in np.array_split(rows, shards)]
-    return parts[0] if shards == 1 else Shards(parts)
+def query_bytes(name: str, d: int, mode: str, n: int, k: int | None) -> int:
+    """Bytes one query must read: every document's row; for a re-ranking row, every document's codes and k rows of
+    its re-rank store."""
+    row = methods.row_bytes(name, d, mode)
+    if mode not in RERANK_STORE:
+        return n * row
+    store_method = RERANK_STORE[mode]
+    store = methods.row_bytes(store_method, d, next(iter(methods.modes_of(store_method, d))))
+    return n * (row - store) + min(k, n) * store
 
 
-def decoded_rows(codec, codes: np.ndarray):
-    """The rows rescore_search gathers, from a faiss codec's codes: ids (q, k) -> decoded float32 (q, k, d)."""
-    return lambda ids: codec.sa_decode(codes[ids.ravel()]).reshape(*ids.shape, codec.d)
+def build_rows(rows: list[dict], docs: np.ndarray, seed: int) -> None:
+    """Fit each method (once) and build each row through MethodIndex.add_documents; the depths of a re-ranking row
+    share one build. Adds per row: index, bytes, reads, fit_s (its method's), build_s."""
+    n, d = docs.shape
+    sample = docs[np.sort(np.random.default_rng(seed).choice(n, min(TRAIN, n), replace=False))]
+    fits, builds, rescorer = {}, {}, None
+    bar = tqdm(rows, desc="building rows", unit=" rows", file=sys.stderr)
+    for row in bar:
+        name, mode = row["method"], row["mode"]
+        bar.set_postfix_str(row["row"])
+        if name not in fits:
+            start = time.perf_counter()
+            fits[name] = (fitted(name, d, sample), time.perf_counter() - start)
+        if mode == "rerank_int8" and rescorer is None:
+            rescorer = SharedCodes(fitted("int8", d, sample), docs)
+        if (name, mode) not in builds:
+            start = time.perf_counter()
+            index = methods.MethodIndex(fits[name][0], mode, row["k"] or methods.RESCORE_K,
+                                        rescorer if mode == "rerank_int8" else None)
+            index.add_documents(docs)
+            builds[name, mode] = (index, time.perf_counter() - start)
+        index = copy.copy(builds[name, mode][0])  # shares the stored documents; only rescore_k differs
+        index.rescore_k = row["k"] or methods.RESCORE_K
+        row |= dict(index=index, bytes=methods.row_bytes(name, d, mode), reads=query_bytes(name, d, mode, n, row["k"]),
+                    fit_s=fits[name][1], build_s=builds[name, mode][1])
 
 
-def config_name(shards: int, threads: int) -> str:
-    plural = "s" if threads > 1 else ""
-    return f"1 index, {threads} thread{plural}" if shards == 1 else f"{shards} shards, {threads} thread{plural} each"
+# ---------------------------------------------------------------------------------------------------------------
+# timing
 
 
-def seconds(search, rows: slice, threads: int) -> float:
+def search(row: dict, queries: np.ndarray):
+    """What is timed: the row's MethodIndex.search, as the evaluation calls it."""
+    return row["index"].search(queries, TOP)
+
+
+def batched(row: dict) -> bool:
+    """Whether faiss batches the row's queries: a flat float index (one matrix product) or a fast-scan index (blocks of
+    queries share each code read). Every other row scans every code once per query."""
+    return isinstance(row["index"].stored.get("index"), (faiss.IndexFlat, faiss.IndexFastScan))
+
+
+def config_name(threads: int) -> str:
+    return f"{threads} thread{'s' if threads > 1 else ''}"
+
+
+def use_threads(threads: int) -> None:
     faiss.omp_set_num_threads(threads)
+    BLAS.limit(limits=threads, user_api="blas")
+
+
+def seconds(row: dict, queries: np.ndarray, threads: int) -> float:
+    use_threads(threads)
     start = time.perf_counter()
-    search(rows)
+    search(row, queries)
     return time.perf_counter() - start
 
 
-def time_searches(searches: list, single: int, batch_sizes: list) -> list[tuple[float, float]]:
-    """Per (search, threads): p50 ms over `single` one-query calls, and seconds for one call with its batch size.
+def time_rows(rows: list[dict], queries: np.ndarray, thread_counts: list[int], single: int, batch: int) -> None:
+    """Per row and thread count: p50 ms of one-query calls and seconds for a batch of `batch` queries. Adds per row
+    configs {name: (p50 ms, batch seconds)}, calls (one-query calls per configuration) and timed (batch queries timed;
+    fewer than `batch` are scaled).
 
-    The one-query calls take turns (query i on every method and configuration, then query i + 1), after one warm-up
-    call each, so a slow spell of this shared machine, or the after-effects of the search timed before, falls on all
-    alike.
-    """
-    for search, threads in searches:
-        seconds(search, slice(0, 1), threads)
-    times = [[seconds(search, slice(i, i + 1), threads) for search, threads in searches] for i in range(single)]
-    p50 = 1000 * np.median(np.array(times), axis=0)
-    batch = [seconds(search, slice(0, size), threads) for (search, threads), size in zip(searches, batch_sizes)]
-    faiss.omp_set_num_threads(THREADS)
-    return list(zip(p50.tolist(), batch))
-
-
-def build_methods(docs, q, rescore_k, shards, rng) -> list[dict]:
-    """Every method: its key, table name, bytes per vector, bytes one query must read, whether faiss batches its
-    queries, and per layout (number of shards) a search over a slice of the queries."""
-    n, dim = docs.shape
-    stage1, stage2 = QuantizationModuleStage1(dim), QuantizationModuleStage2(dim)  # untrained: thresholds all zero
-    codes1, codes2, q1, q2 = encode(stage1, docs), encode(stage2, docs), encode(stage1, q), encode(stage2, q)
-    trained = {key: trained_family(key, docs, rng) for key in FAMILIES}
-    int8_codes = trained["int8"].sa_encode(docs)  # the store binary + int8 rescoring reads its k candidates from
-    layouts = list(dict.fromkeys([1, shards]))
-    flat = {s: sharded(float_index, docs, s) for s in layouts}
-    binary1 = {s: sharded(build_binary_index, codes1, s) for s in layouts}
-    binary2 = {s: sharded(build_binary_index, codes2, s) for s in layouts}
-    b1, b2, f = codes1.shape[1], codes2.shape[1], docs.itemsize * dim
-    methods = [
-        dict(key="float", name="float32 IndexFlatIP", bytes=f, reads=n * f, batched=True,
-             search={s: lambda r, i=flat[s]: i.search(q[r], TOP) for s in layouts}),
-        dict(key="binary", name=f"stage1 {stage1.bits_per_vector} bits IndexBinaryFlat", bytes=b1, reads=n * b1,
-             batched=True, search={s: lambda r, i=binary1[s]: i.search(q1[r], TOP) for s in layouts}),
-        dict(key="stage2", name=f"stage2 {stage2.bits_per_vector} bits IndexBinaryFlat", bytes=b2, reads=n * b2,
-             batched=True, search={s: lambda r, i=binary2[s]: i.search(q2[r], TOP) for s in layouts}),
-        dict(key="rescore", name=f"stage1 top-{rescore_k} + float rescore", bytes=b1 + f,
-             reads=n * b1 + rescore_k * f, batched=True,
-             search={s: lambda r, i=binary1[s]: rescore_search(i, docs, q[r], q1[r], rescore_k, TOP) for s in layouts}),
-        dict(key="rescore_int8", name=f"stage1 top-{rescore_k} + int8 rescore", bytes=b1 + dim,
-             reads=n * b1 + rescore_k * dim, batched=True,
-             search={s: lambda r, i=binary1[s], rows=decoded_rows(trained["int8"], int8_codes):
-                     rescore_search(i, rows, q[r], q1[r], rescore_k, TOP) for s in layouts}),
-    ]
-    for key, (name, _, batched) in FAMILIES.items():
-        indexes = {s: sharded(lambda rows, t=trained[key]: filled(t, rows), docs, s) for s in layouts}
-        size = trained[key].code_size  # as faiss stores it, per-vector factors included (RaBitQ)
-        methods.append(dict(key=key, name=name, bytes=size, reads=n * size, batched=batched,
-                            search={s: lambda r, i=indexes[s]: i.search(q[r], TOP) for s in layouts}))
-    return methods
+    One warm-up call each, which also sets how many one-query calls a row gets; then the calls take turns (query i on
+    every row and configuration, then query i + 1); then the batches."""
+    pairs = [(row, t) for row in rows for t in thread_counts]
+    calls = [min(single, max(MIN_SINGLE, int(SINGLE_SECONDS / max(seconds(row, queries[:1], t), 1e-9))))
+             for row, t in pairs]
+    times = [[] for _ in pairs]
+    for i in range(single):
+        for j, (row, t) in enumerate(pairs):
+            if i < calls[j]:
+                times[j].append(seconds(row, queries[i : i + 1], t))
+    for j, (row, t) in enumerate(pairs):
+        row["timed"] = batch if batched(row) else min(batch, SCAN_QUERIES)
+        row["calls"] = calls[j]
+        row.setdefault("configs", {})[config_name(t)] = (
+            1000 * float(np.median(times[j])), seconds(row, queries[: row["timed"]], t) * batch / row["timed"])
+    use_threads(THREADS)
 
 
-def run(n, dim=DIM, queries=QUERIES, single=SINGLE, rescore_k=RESCORE_K, seed=SEED, embeddings=None,
-        shards=SHARDS) -> dict:
-    """Measure the bandwidth, build every method in each layout, time each configuration, print the tables, and
-    return the summary that becomes the JSON line."""
-    for bad, message in [(n < 256, f"--n must be at least 256 (PQ trains 256 centroids on the documents), got {n}"),
-                         (dim < 8 or dim % 8, f"--dim must be a positive multiple of 8 (PQ's 8-dimension sub-vectors, "
-                                              f"Stage 2 pairs), got {dim}"),
-                         (rescore_k < TOP, f"--rescore-k must be at least {TOP}, got {rescore_k}"),
-                         (rescore_k > n, f"--rescore-k {rescore_k} is more than --n {n}"),
-                         (queries < 1 or single < 1, f"--queries and --single must be positive, got {queries}, "
-                                                     f"{single}"),
-                         (shards < 1 or n < shards * TOP, f"--shards must be 1 to n / {TOP}, got {shards}")]:
-        if bad:
-            raise UsageError(message)
-    bandwidth = {t: read_bandwidth(t, BANDWIDTH_BYTES, BANDWIDTH_REPEATS)  # before the data fills memory
-                 for t in dict.fromkeys([1, THREADS])}
-    docs, q = load_data(n, dim, max(queries, single), seed, embeddings)
-    methods = build_methods(docs, q, rescore_k, shards, np.random.default_rng(seed))
-    configs = [(s, t) for s in dict.fromkeys([1, shards]) for t in dict.fromkeys([1, THREADS])]
-    for m in methods:
-        m["timed"] = queries if m["batched"] else min(queries, SCAN_QUERIES)  # the batch it is timed on
-    searches = [(m["search"][s], t) for m in methods for s, t in configs]
-    timings = iter(time_searches(searches, single, [m["timed"] for m in methods for _ in configs]))
-    for m in methods:  # per configuration (p50 ms, seconds per `queries` queries); the floor; the best of each
-        m["configs"] = {config_name(s, t): (ms, sec * queries / m["timed"])
-                        for (s, t), (ms, sec) in zip(configs, timings)}
-        m["floor_ms"] = 1000 * m["reads"] / (bandwidth[THREADS] * 1e9)
-        m["single"] = min(m["configs"].items(), key=lambda config: config[1][0])
-        m["batch"] = min(m["configs"].items(), key=lambda config: config[1][1])
-    data = f"embeddings {embeddings}" if embeddings else f"random unit vectors (seed {seed})"
-    print(f"{n:,} vectors, dim {dim}, {data}; top-{TOP}; p50 of {single} single queries; batch of {queries:,} "
-          f"queries (families that scan once per query: {min(queries, SCAN_QUERIES)}, scaled); memory read bandwidth "
-          + ", ".join(f"{t} core{'s' if t > 1 else ''} {gbs:.1f} GB/s" for t, gbs in bandwidth.items())
-          + f"; floor = bytes read per query / {bandwidth[THREADS]:.1f} GB/s; wall-clock times on this machine")
-    print_tables(methods, n, queries)
-    return summary(methods, n, bandwidth[THREADS])
+# ---------------------------------------------------------------------------------------------------------------
+# report
 
 
-def print_tables(methods: list[dict], n: int, queries: int) -> None:
-    """Every configuration's times, then each method's best against float's best."""
-    names = list(methods[0]["configs"])  # threads: OpenMP threads per index or shard
-    for title, column in [("single query: p50 ms", 0), (f"batch: seconds per {queries:,} queries", 1)]:
+def best(row: dict) -> tuple[str, float, str, float]:
+    """The row's best configuration for one query and for the batch: (name, p50 ms, name, batch seconds)."""
+    single = min(row["configs"], key=lambda c: row["configs"][c][0])
+    batch = min(row["configs"], key=lambda c: row["configs"][c][1])
+    return single, row["configs"][single][0], batch, row["configs"][batch][1]
+
+
+def print_tables(rows: list[dict], n: int, queries: int, bandwidth_gbs: float) -> None:
+    """Every configuration's times, each row's best against float's best, and what each row's fit and build took."""
+    names = list(rows[0]["configs"])
+    for title, column in [("one query: p50 ms", 0), (f"batch: seconds per {queries:,} queries (* scaled)", 1)]:
         print(f"\nEvery configuration, {title}")
-        print(tabulate([[m["name"]] + [times[column] for times in m["configs"].values()] for m in methods],
-                       ["method"] + names, floatfmt=".2f", tablefmt="github"))
-    float_ms, float_s = methods[0]["single"][1][0], methods[0]["batch"][1][1]
-    rows = []
-    for m in methods:
-        (single_config, (single_ms, _)), (batch_config, (_, batch_s)) = m["single"], m["batch"]
-        rows.append([m["name"], m["bytes"], n * m["bytes"] / 2**20, m["reads"] / 1e6, m["floor_ms"], single_config,
-                     single_ms, single_ms / m["floor_ms"], float_ms / single_ms, batch_config, m["timed"], batch_s,
-                     queries / batch_s, float_s / batch_s])
-    print("\nEach method's best configuration against float's best:")
-    print(tabulate(rows, floatfmt=".2f", tablefmt="github", intfmt=",",
-                   headers=["method", "bytes/vec", "MiB", "MB read/query", "floor ms", "single: best configuration",
-                            "p50 ms", "x floor", "speed-up", "batch: best configuration", "queries timed",
-                            f"s / {queries:,} q", "queries/s", "speed-up"]))
+        print(tabulate([[r["row"]] + [times[column] for times in r["configs"].values()] for r in rows],
+                       ["row"] + names, floatfmt=".3g", tablefmt="github"))
+    _, float_ms, _, float_s = best(rows[0])
+    table = []
+    for r in rows:
+        single_config, single_ms, batch_config, batch_s = best(r)
+        floor_ms = 1000 * r["reads"] / (bandwidth_gbs * 1e9)
+        table.append([r["row"], r["bytes"], n * r["bytes"] / 2**20, r["reads"] / 1e6, floor_ms, single_config,
+                      r["calls"], single_ms, single_ms / floor_ms, float_ms / single_ms, batch_config,
+                      f"{r['timed']:,}" + ("*" if r["timed"] < queries else ""), batch_s, queries / batch_s,
+                      float_s / batch_s])
+    print(f"\nEach row's best configuration against float's best (floor: MB read per query / {bandwidth_gbs:.1f} GB/s):")
+    print(tabulate(table, tablefmt="github", intfmt=",", colalign=["left"] + ["right"] * 14,
+                   floatfmt=["", "", ".1f", ".3g", ".3g", "", "", ".3g", ".2f", ".2f", "", "", ".3g", ",.0f", ".2f"],
+                   headers=["row", "bytes/vec", "MiB", "MB read/query", "floor ms", "one query: best", "calls",
+                            "p50 ms", "x floor", "speed-up", "batch: best", "queries timed", f"s / {queries:,} q",
+                            "queries/s", "speed-up"]))
+    builds = {}
+    for r in rows:
+        builds.setdefault(r["row"].split(" k=")[0], (r["fit_s"], r["build_s"]))
+    print("\nWhat each row took to build (fit: its method's, once, on one faiss thread; add_documents: all documents):")
+    print(tabulate([[row, fit, build] for row, (fit, build) in builds.items()], ["row", "fit s", "add_documents s"],
+                   floatfmt=".2f", tablefmt="github"))
 
 
-def summary(methods: list[dict], n: int, bandwidth_gbs: float) -> dict:
-    """The JSON line: the keys the benchmark has always had (now each method's best configuration), the all-core
-    bandwidth and the float and binary floors."""
-    result = {"n": n}
-    for m in methods[:4]:  # float, binary, stage2, rescore
-        (single_config, (single_ms, _)), (batch_config, (_, batch_s)) = m["single"], m["batch"]
-        result |= {f"{m['key']}_single_ms": single_ms, f"{m['key']}_single_layout": single_config,
-                   f"{m['key']}_batch_s": batch_s, f"{m['key']}_batch_layout": batch_config}
-        if m["key"] != "rescore":  # rescoring holds the binary index and the float store; its sum is in the table
-            result[f"{m['key']}_bytes"] = m["bytes"]
-    return result | {"bandwidth_gbs": bandwidth_gbs, "float_floor_ms": methods[0]["floor_ms"],
-                     "binary_floor_ms": methods[1]["floor_ms"]}
+def summary(rows: list[dict], args, bandwidth: dict, skipped: dict, seconds_total: float) -> dict:
+    """The JSON line: the run's settings, the bandwidth per thread count, and per row its bytes, floor, times in every
+    configuration and best configurations."""
+    result = dict(n=args.n, dim=args.dim, top=TOP, queries=args.queries, train=min(TRAIN, args.n),
+                  bandwidth_gbs={str(t): gbs for t, gbs in bandwidth.items()}, reference=rows[0]["row"],
+                  skipped=skipped, seconds=seconds_total, rows={})
+    for r in rows:
+        single_config, single_ms, batch_config, batch_s = best(r)
+        result["rows"][r["row"]] = dict(
+            method=r["method"], mode=r["mode"], rescore_k=r["k"], bytes=r["bytes"], reads=r["reads"],
+            floor_ms=1000 * r["reads"] / (bandwidth[THREADS] * 1e9),
+            configs={c: dict(p50_ms=ms, batch_s=s) for c, (ms, s) in r["configs"].items()},
+            single_config=single_config, single_ms=single_ms, batch_config=batch_config, batch_s=batch_s,
+            single_calls=r["calls"], queries_timed=r["timed"], fit_s=r["fit_s"], build_s=r["build_s"])
+    return result
 
 
-def main(argv=None) -> None:
+# ---------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
     p.add_argument("--n", type=int, default=N, help="number of document vectors")
     p.add_argument("--dim", type=int, default=DIM)
+    p.add_argument("--methods", nargs="+", default=list(methods.METHODS), choices=list(methods.METHODS),
+                   metavar="METHOD", help="registry names (default: all; float is always timed, as the reference)")
+    p.add_argument("--rescore-k", nargs="+", type=int, default=RESCORE_K,
+                   help="depths the re-ranking rows are timed at (first-stage candidates re-ranked)")
     p.add_argument("--queries", type=int, default=QUERIES, help="batch size of the throughput measurement")
-    p.add_argument("--single", type=int, default=SINGLE, help="one-query calls per configuration for the p50 latency")
-    p.add_argument("--rescore-k", type=int, default=RESCORE_K, help="Hamming candidates re-ranked by float or int8")
+    p.add_argument("--single", type=int, default=SINGLE, help="one-query calls per row and configuration (p50)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--embeddings", type=Path, help="float .npy matrix to use instead of random vectors")
-    p.add_argument("--shards", type=int, default=SHARDS, help="shards of the second layout (1: one index only)")
     args = p.parse_args(argv)
+    for bad, message in [  # --n first: `--n 15` alone is about --n, not about the default --rescore-k
+            (args.n < MIN_N, f"--n must be at least {MIN_N} (PQ fits {MIN_N} centroids on the documents), got {args.n}"),
+            (args.dim < 1, f"--dim must be positive, got {args.dim}"),
+            (min(args.rescore_k) < TOP, f"--rescore-k must be at least {TOP} (top-{TOP} is re-ranked), got "
+                                        f"{min(args.rescore_k)}"),
+            (max(args.rescore_k) > args.n, f"--rescore-k {max(args.rescore_k)} is more than --n {args.n}"),
+            (args.queries < 1 or args.single < 1, f"--queries and --single must be positive, got {args.queries}, "
+                                                  f"{args.single}")]:
+        if bad:
+            p.error(message)
+    args.rescore_k = sorted(set(args.rescore_k))
+    args.methods = ["float"] + [m for m in args.methods if m != "float"]  # the reference, always
+    return args
+
+
+def run(args) -> tuple[dict, list[dict]]:
+    """Check the input, measure the bandwidth, build every row, time each configuration, print the tables, and return
+    the summary that becomes the JSON line, and the rows (each with its MethodIndex)."""
+    start = time.perf_counter()
+    if args.embeddings is not None:
+        open_embeddings(args.embeddings, args.n, args.dim)  # a bad file is one line now, not after the bandwidth
+    rows, skipped = plan_rows(args.methods, args.dim, args.rescore_k)
+    for name, reason in skipped.items():
+        print(f"{name}: skipped, {reason}")
+    thread_counts = list(dict.fromkeys([1, THREADS]))
+    bandwidth = {t: read_bandwidth(t, BANDWIDTH_BYTES, BANDWIDTH_REPEATS) for t in thread_counts}  # before the data
+    docs, queries = load_data(args.n, args.dim, max(args.queries, args.single), args.seed, args.embeddings)
+    build_rows(rows, docs, args.seed)
+    time_rows(rows, queries, thread_counts, args.single, args.queries)
+    data = f"embeddings {args.embeddings}" if args.embeddings else f"random unit vectors (seed {args.seed})"
+    learned = [m for m in dict.fromkeys(r["method"] for r in rows) if methods.entry(m).fitted_on == "training"]
+    print(f"{args.n:,} vectors, dim {args.dim}, {data}; {len(rows)} rows, top-{TOP}, through methods.MethodIndex.search. "
+          f"One query: p50 of up to {args.single} calls per configuration (fewer for slow rows: 'calls'). Batch: "
+          f"{args.queries:,} queries ({SCAN_QUERIES} for rows that scan every code once per query, scaled: *). "
+          f"Fitted on {min(TRAIN, args.n):,} of the documents. Memory read bandwidth "
+          + ", ".join(f"{config_name(t)} {gbs:.1f} GB/s" for t, gbs in bandwidth.items())
+          + f"; floor = bytes read per query / {bandwidth[THREADS]:.1f} GB/s. Configurations: faiss and BLAS threads. "
+          + (f"Learned methods ({', '.join(learned)}) as constructed (zero thresholds, identity rotation, evenly "
+             f"spaced levels): timing does not depend on the threshold values. " if learned else "")
+          + "Wall-clock times on this machine.")
+    print_tables(rows, args.n, args.queries, bandwidth[THREADS])
+    seconds_total = time.perf_counter() - start
+    print(f"\nwhole run {seconds_total:.0f} s")
+    return summary(rows, args, bandwidth, skipped, seconds_total), rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     try:
-        result = run(args.n, args.dim, args.queries, args.single, args.rescore_k, args.seed, args.embeddings,
-                     args.shards)
+        result, _ = run(args)
     except UsageError as e:
         sys.exit(f"error: {e}")
     print(json.dumps(result))

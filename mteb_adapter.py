@@ -1,9 +1,9 @@
-"""The few places where this tool needs more of mteb than its public API, kept together.
+"""Everything this tool asks of mteb beyond `mteb.evaluate` and `mteb.get_tasks`, kept together: each row as an mteb
+`SearchProtocol` model, the task embeddings every row shares, and the few private pieces of mteb it needs.
 
-mteb 2.x has no public function for per-query nDCG, no public way to give a task local data, and no public way to
-build a task's texts as its search encodes them. Each use is one function here; `check_mteb()` fails loudly, naming
-the mteb version, when an upgrade moves what they rely on (a test calls it). Everything else is public: each row is
-an mteb `SearchProtocol` model run by `mteb.evaluate`.
+mteb 2.x has no public function for per-query nDCG, for giving a task local data, for building a task's texts as its
+search encodes them, or for the prompt it gives a task's texts. Each use is one function here; `check_mteb()` refuses,
+in one line naming the mteb version, an mteb whose private pieces moved (both commands call it at start).
 """
 
 import mteb
@@ -18,15 +18,32 @@ TESTED_WITH = "2.26"  # the mteb release these adapters were written against
 
 
 def check_mteb() -> None:
-    """Raise RuntimeError naming the mteb version if the private pieces used below are gone or changed."""
+    """Raise UsageError, one line naming the mteb version, if the private pieces used below are gone or changed.
+    Both commands call it before any work."""
     try:
-        from mteb._create_dataloaders import _retrieval_texts, create_dataloader  # noqa: F401
+        from mteb._create_dataloaders import _retrieval_texts  # noqa: F401
         from mteb._evaluators.retrieval_metrics import calculate_retrieval_scores  # noqa: F401
         from mteb.abstasks.retrieval import AbsTaskRetrieval
+        from mteb.models.abs_encoder import AbsEncoder, get_prompt_name  # noqa: F401
     except ImportError as e:
-        raise RuntimeError(f"mteb {mteb.__version__} (adapters tested with {TESTED_WITH}): {e}") from None
-    if not hasattr(AbsTaskRetrieval, "convert_v1_dataset_format_to_v2"):
-        raise RuntimeError(f"mteb {mteb.__version__} (adapters tested with {TESTED_WITH}) lacks convert_v1_dataset_format_to_v2")
+        raise UsageError(f"mteb {mteb.__version__} is not supported (this tool was tested with {TESTED_WITH}): {e}") from None
+    for owner, name in [(AbsTaskRetrieval, "convert_v1_dataset_format_to_v2"), (AbsEncoder, "validate_task_to_prompt_name")]:
+        if not hasattr(owner, name):
+            raise UsageError(f"mteb {mteb.__version__} is not supported (this tool was tested with {TESTED_WITH}): "
+                             f"{owner.__name__}.{name} is gone")
+
+
+def task_prompt(base, task_name: str, kind: str) -> str | None:
+    """The prompt mteb gives a task's texts of `kind` ("query", "document") for a model with `base.prompts`: by task
+    name and kind, task name, task type and kind, task type, then kind (mteb's get_prompt_name); None when mteb
+    finds none (sentence-transformers' own choice then applies, encoders.BaseModel.prompt)."""
+    from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
+
+    if not base.prompts:
+        return None
+    prompts, _ = AbsEncoder.validate_task_to_prompt_name(base.prompts, raise_for_invalid_keys=False)
+    name = get_prompt_name(prompts, mteb.get_task(task_name).metadata, PromptType(kind)) if prompts else None
+    return prompts.get(name) if name else None
 
 
 def retrieval_scores(results: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]):
@@ -54,22 +71,6 @@ def task_qrels(task, split: str) -> dict[str, dict[str, int]]:
     return task.dataset["default"][split]["relevant_docs"]
 
 
-def task_texts(task) -> dict[str, list[str]]:
-    """Every text mteb will encode for a loaded retrieval task, by prompt type ("query", "document"): documents as
-    title and text joined, queries with their instructions, exactly as mteb's dataloaders build them."""
-    from mteb._create_dataloaders import _retrieval_texts
-    from mteb.types import PromptType
-
-    if task.dataset is None:  # local data arrives in mteb's v1 attributes; mteb converts them before evaluating
-        task.convert_v1_dataset_format_to_v2(num_proc=None)
-    texts = {"query": [], "document": []}
-    for subset in task.dataset.values():
-        for split in task.eval_splits:
-            texts["query"] += _retrieval_texts(subset[split]["queries"], PromptType.query)
-            texts["document"] += _retrieval_texts(subset[split]["corpus"], PromptType.document)
-    return {kind: list(dict.fromkeys(t)) for kind, t in texts.items()}
-
-
 def load_local_task(task, data_dir) -> None:
     """Fill a task's data from `data_dir/<name>/` (BEIR layout, matched case-insensitively). mteb 2.x still converts
     its v1 attributes (corpus, queries, relevant_docs) to its own layout, so the task keeps its name and evaluator."""
@@ -78,27 +79,25 @@ def load_local_task(task, data_dir) -> None:
     for split in task.eval_splits:
         task.corpus[split], task.queries[split], task.relevant_docs[split] = load_beir(folder, split)
     task.data_loaded = True
+    task.convert_v1_dataset_format_to_v2(num_proc=None)  # mteb 2.x's layout, as mteb would convert it before evaluating
 
 
 class TaskEmbeddings:
-    """The float embeddings of each task's documents and queries, built by mteb's own dataloader and read through the
-    cached encoder once per task, split and subset, then kept in memory for every row (each row otherwise rebuilds
-    the dataloader and reads the cache again: most of a warm row's time)."""
+    """The float embeddings of each task's documents and queries: the texts as mteb builds them, with the prompts mteb
+    gives them, read through the base model's cache once per task, split and subset, then kept for every row."""
 
-    def __init__(self, encoder, batch_size: int):
-        self.encoder, self.batch_size, self.arrays = encoder, batch_size, {}
+    def __init__(self, base):
+        self.base, self.arrays = base, {}
 
     def get(self, dataset, prompt_type, task_metadata, hf_split: str, hf_subset: str) -> np.ndarray:
-        from mteb._create_dataloaders import create_dataloader
+        from mteb._create_dataloaders import _retrieval_texts
 
         key = task_metadata.name, hf_split, hf_subset, prompt_type
         if key not in self.arrays:
-            loader = create_dataloader(dataset, task_metadata=task_metadata, prompt_type=prompt_type, batch_size=self.batch_size)
-            self.arrays[key] = np.asarray(self.encoder.encode(loader, task_metadata=task_metadata, hf_split=hf_split,
-                                                              hf_subset=hf_subset, prompt_type=prompt_type,
-                                                              batch_size=self.batch_size), dtype=np.float32)
-        if len(self.arrays[key]) != len(dataset):
-            raise RuntimeError(f"{task_metadata.name} {hf_split}: {len(dataset)} {prompt_type.value}s, {len(self.arrays[key])} embeddings")
+            kind = prompt_type.value
+            self.arrays[key] = self.base.embed(_retrieval_texts(dataset, prompt_type), kind,
+                                               task_prompt(self.base, task_metadata.name, kind),
+                                               desc=f"encoding {task_metadata.name} {kind}s")
         return self.arrays[key]
 
 
@@ -107,9 +106,9 @@ class RowSearch:
     the shared float embeddings, stored and searched as the row's method does (`index_backend`, a MethodIndex). It
     keeps each task's ranking for the per-query significance tests; the row's name is mteb's model revision."""
 
-    def __init__(self, embeddings: TaskEmbeddings, row: str, index):
+    def __init__(self, embeddings: TaskEmbeddings, row: str, index, meta):
         self.embeddings, self.index_backend, self.doc_ids, self.rankings = embeddings, index, [], {}
-        self.mteb_model_meta = embeddings.encoder.mteb_model_meta.model_copy(update=dict(revision=row))
+        self.mteb_model_meta = meta.model_copy(update=dict(revision=row))
 
     def index(self, corpus, *, task_metadata, hf_split: str, hf_subset: str, **kwargs) -> None:
         docs = self.embeddings.get(corpus, PromptType.document, task_metadata, hf_split, hf_subset)
@@ -123,9 +122,29 @@ class RowSearch:
         scores, ids = self.index_backend.search(embeddings, top_k)
         self.index_backend.clear()
         doc_ids = self.doc_ids
-        results = {q: {doc_ids[j]: s for j, s in zip(row_ids, row_scores)} for q, row_ids, row_scores in zip(queries["id"], ids, scores)}
+        results = {q: {doc_ids[j]: float(s) for j, s in zip(row_ids, row_scores)}
+                   for q, row_ids, row_scores in zip(queries["id"], ids.tolist(), scores.tolist())}
         self.rankings[task_metadata.name, hf_split] = results
         return results
+
+
+def task_texts(task) -> dict[str, list[str]]:
+    """Every text mteb will encode for a loaded retrieval task, by kind ("query", "document"), as its dataloaders build
+    them (documents as title and text joined, queries with their instructions)."""
+    from mteb._create_dataloaders import _retrieval_texts
+
+    texts = {"query": [], "document": []}
+    for subset in task.dataset.values():
+        for split in task.eval_splits:
+            texts["query"] += _retrieval_texts(subset[split]["queries"], PromptType.query)
+            texts["document"] += _retrieval_texts(subset[split]["corpus"], PromptType.document)
+    return {kind: list(dict.fromkeys(t)) for kind, t in texts.items()}
+
+
+def task_scores(task_result) -> dict[str, dict]:
+    """{split: {metric: value}} of an mteb TaskResult (its first subset), numbers only."""
+    return {split: {k: v for k, v in scores[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for split, scores in task_result.scores.items()}
 
 
 def get_retrieval_tasks(names: list[str], data_dir=None) -> list:

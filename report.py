@@ -8,10 +8,13 @@ The evaluation calls this once it has run every row:
 
 `rows` is long form (task, split, method, metric, value): `method` is a row name such as "stage1_zero+asym", and the
 metrics include ndcg_at_10 and bytes_per_vector. `per_query` maps (task, split, row) to that row's nDCG@10 per query,
-indexed by query id. `info` maps each row name to {"method", "family", "mode", "learned", "keeps_float"}.
+indexed by query id. `info` maps each row name to {"method", "family", "mode", "learned", "keeps_float", "describe"}.
 """
 
 import io
+import itertools
+import re
+import sys
 from collections import Counter
 
 import matplotlib
@@ -26,10 +29,11 @@ RESAMPLES = 10_000  # paired randomisation test and bootstrap interval over per-
 ALPHA = 0.05
 SEED = 0
 BASELINE = "stage1_zero"  # the untrained sign bits every row is also tested against
-BUDGETS = (36, 48, 64, 96, 192, 384)  # bytes per vector
+BUDGETS = (36, 48, 64, 80, 96, 128, 192, 384)  # bytes per vector
+DEPTH_TARGET = 0.99  # the retention the depth table asks for
 FAMILY_COLOURS = {"float": "black", "cast": "tab:gray", "scalar": "tab:blue", "pca": "tab:green", "binary": "tab:red",
-                  "pq": "tab:purple", "rabitq": "tab:orange"}  # another family gets the next free colour
-MODE_MARKERS = {"exact": "o", "hamming": "s", "asym": "^", "sym": "v", "rescore": "D", "rescore_int8": "d", "qb4": "P"}
+                  "pq": "tab:purple", "rabitq": "tab:orange", "multi-level": "tab:brown"}  # another family gets the next free colour
+MODE_MARKERS = {"exact": "o", "hamming": "s", "asym": "^", "sym": "v", "rerank": "D", "rerank_int8": "d", "qb4": "P"}
 
 
 def paired_test(a: np.ndarray, b: np.ndarray, seed: int = SEED) -> tuple[float, float, float, float]:
@@ -196,11 +200,14 @@ def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: 
         budget: the best row that fits, its retention, the best learned-threshold row that fits, and the paired test
         of the one against the other per task.
     """
+    all_rows, rows = rows, rows[~rows.method.map(lambda r: info.get(r, {}).get("extra", False))]  # depth rows: own table
     table, labels = summarise(rows, info), list(column_labels(rows).values())
     metrics = set(rows.metric)
 
     # the main table: significance marks on each task's nDCG@10, Δ and p against the baseline
     out = pd.DataFrame({"row": table.index, "bytes": table.bytes.map("{:,.0f}".format)}, index=table.index)
+    if all("describe" in info[row] for row in table.index):
+        out.insert(1, "what it is", [info[row]["describe"] for row in table.index])
     for label in labels:
         out[label] = table[label].map(lambda v: format_cell(v, ".4f"))
     marks = []
@@ -227,7 +234,7 @@ def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: 
     out["pareto"] = table.pareto.map({True: "◆", False: ""})
     explained.append("◆ Pareto-optimal: no row with fewer or equal bytes has a higher mean, nor a smaller row an equal one")
     lines = [f"## {title}", "", "; ".join(explained) + ".", "",
-             out.to_markdown(index=False, disable_numparse=True, colalign=["left"] + ["right"] * (out.shape[1] - 2) + ["center"]), ""]
+             out.to_markdown(index=False, disable_numparse=True, colalign=["left" if c in ("row", "what it is") else "right" for c in out.columns[:-1]] + ["center"]), ""]
 
     # the budget table: the best row that fits, against the best learned-threshold row that fits
     split_of = {label: key for key, label in column_labels(rows).items()}
@@ -266,7 +273,95 @@ def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: 
               "best row: highest mean nDCG@10 with bytes ≤ budget; best learned: the same among learned-threshold rows; "
               f"Δ: best row − best learned, per task (p; * p < {ALPHA}); sig. better: significantly better on every task.", "",
               budget_table.to_markdown(index=False, disable_numparse=True, colalign=align), ""]
+    lines += learned_table(rows, per_query, info, table)
+    lines += depth_table(all_rows, info)
     return "\n".join(lines)
+
+
+def learned_table(rows: pd.DataFrame, per_query: dict, info: dict[str, dict], table: pd.DataFrame) -> list[str]:
+    """Markdown lines: every learned-threshold row against every training-free row of its family with the same bits
+    per dimension and search mode (the codes' own searches, Hamming and asym; re-ranking hides the codes), per task
+    (paired test): does learning the thresholds earn its place?"""
+    labels, split_of = list(column_labels(rows).values()), {label: key for key, label in column_labels(rows).items()}
+    out = []
+    for learned in [r for r in table.index if info[r].get("learned")]:
+        for free in table.index:
+            same = all(info[free].get(k) == info[learned].get(k) for k in ("family", "mode", "bits_per_dimension"))
+            if info[free].get("learned") or not same or info[learned]["mode"] not in ("hamming", "asym"):
+                continue
+            entry, wins = {"bits/dim": format_cell(info[learned].get("bits_per_dimension"), ".3g"), "mode": info[learned]["mode"],
+                           "learned": learned, "training-free": free}, []
+            for label in labels:
+                task, split = split_of[label]
+                if (task, split, learned) in per_query and (task, split, free) in per_query:
+                    delta, _, _, p = paired_test(*aligned(per_query, task, split, learned, free))
+                    entry[f"Δ {label} (p)"] = f"{delta:+.4f} ({format_p(p)})" + ("*" if p < ALPHA else "")
+                    wins.append(delta > 0 and p < ALPHA)
+                else:
+                    entry[f"Δ {label} (p)"] = "no per-query scores"
+            entry["learned sig. better on every task"] = ("yes" if all(wins) else "no") if len(wins) == len(labels) else "—"
+            out.append(entry)
+    if not out:
+        return []
+    frame = pd.DataFrame(out)
+    return ["### Learned against training-free thresholds", "",
+            "Each learned-threshold row against each training-free row of its family with the same bits per dimension "
+            f"and search mode: Δ = learned − training-free nDCG@10 per task (paired randomisation test; * p < {ALPHA}).", "",
+            frame.to_markdown(index=False, disable_numparse=True), ""]
+
+
+def depth_rows(rows: pd.DataFrame, info: dict[str, dict]) -> pd.DataFrame:
+    """Mean retention of every rerank_int8 row by method and depth k (rows: methods, columns: k)."""
+    if "retention" not in set(rows.metric):
+        return pd.DataFrame()
+    retention = metric_table(rows, "retention").mean(axis=1, skipna=False)
+    picked = [r for r in retention.index if info[r]["mode"] == "rerank_int8" and "depth" in info[r]]
+    if not picked:
+        return pd.DataFrame()
+    frame = pd.DataFrame([(info[r]["method"], info[r]["depth"], retention[r]) for r in picked], columns=["method", "k", "retention"])
+    return frame.pivot(index="method", columns="k", values="retention")
+
+
+def depth_table(rows: pd.DataFrame, info: dict[str, dict], target: float = DEPTH_TARGET) -> list[str]:
+    """Markdown lines: how deep to re-rank. For the best method at 1 and at 2 bits per dimension (the highest mean
+    retention over depths), the retention of its +rerank_int8 rows at each depth k, and the first k that reaches
+    `target`."""
+    by_depth = depth_rows(rows, info)
+    if by_depth.empty or by_depth.shape[1] < 2:
+        return []
+    bits = {info[r]["method"]: info[r].get("bits_per_dimension") for r in info}
+    out = []
+    for width in sorted({bits[m] for m in by_depth.index}):
+        group = by_depth[[bits[m] == width for m in by_depth.index]]
+        best = group.mean(axis=1).idxmax()
+        reached = [k for k in group.columns if group.loc[best, k] >= target]
+        out.append({"bits/dim": f"{width:.3g}", "best method": best,
+                    **{f"k={k}": format_cell(group.loc[best, k], ".1%") for k in group.columns},
+                    f"first k ≥ {target:.0%}": str(reached[0]) if reached else f"none (max {group.loc[best].max():.1%})"})
+    return ["### How deep to re-rank", "",
+            "+rerank_int8: the Hamming top-k re-ranked with int8 documents; mean retention by depth k, for the best "
+            "method (highest mean over depths) at each number of bits per dimension.", "",
+            pd.DataFrame(out).to_markdown(index=False, disable_numparse=True), ""]
+
+
+def depth_plot(rows: pd.DataFrame, info: dict[str, dict], title: str) -> bytes | None:
+    """A PNG: mean retention of each rerank_int8 method against the depth k (log scale); None without depth rows."""
+    by_depth = depth_rows(rows, info)
+    if by_depth.empty or by_depth.shape[1] < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    for method, r in by_depth.iterrows():
+        ax.plot(list(r.index), list(r.values), marker="o", label=method)
+    ax.axhline(DEPTH_TARGET, color="gray", linestyle="--", linewidth=0.8)
+    ax.set(xscale="log", xlabel="re-ranking depth k (log scale)", ylabel="mean retention of float nDCG@10", title=title)
+    ax.set_xticks(list(by_depth.columns), [str(k) for k in by_depth.columns])
+    ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def plot(rows: pd.DataFrame, title: str, info: dict[str, dict]) -> bytes:
@@ -282,6 +377,7 @@ def plot(rows: pd.DataFrame, title: str, info: dict[str, dict]) -> bytes:
         A PNG. Log-scale bytes; each panel's frontier (the best nDCG@10 reachable at each size) is a step line, and
         only the rows on it are named.
     """
+    rows = rows[~rows.method.map(lambda r: info.get(r, {}).get("extra", False))]
     table, labels = summarise(rows, info), list(column_labels(rows).values())
     families = list(dict.fromkeys(info[row]["family"] for row in table.index))
     modes = list(dict.fromkeys(info[row]["mode"] for row in table.index))
@@ -331,3 +427,26 @@ def plot(rows: pd.DataFrame, title: str, info: dict[str, dict]) -> bytes:
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def copy_sections(document: str) -> str:
+    """`document` with each block `<!-- from <file>: <heading> -->` ... `<!-- end -->` replaced by that heading's table
+    in the report file named, so README's and docs' tables are the results files' own, never typed by hand."""
+    def table(match) -> str:
+        path, heading = match.group(1), match.group(2)
+        text = open(path).read()
+        start = text.index(heading)
+        lines = text[start:].splitlines()
+        first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+        body = lines[first:first + len(list(itertools.takewhile(lambda line: line.startswith("|"), lines[first:])))]
+        return f"<!-- from {path}: {heading} -->\n" + "\n".join(body) + "\n<!-- end -->"
+
+    return re.sub(r"<!-- from (\S+): (.+?) -->.*?<!-- end -->", table, document, flags=re.S)
+
+
+if __name__ == "__main__":  # python report.py README.md docs/findings.md: refresh their tables from the results files
+    for name in sys.argv[1:]:
+        with open(name) as f:
+            updated = copy_sections(f.read())
+        with open(name, "w") as f:
+            f.write(updated)

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import faiss
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +24,7 @@ FITTING_PAIRS = 300  # quora pairs: about 600 fitting texts, as PQ's 256 centroi
 
 import data  # noqa: E402
 import encoders  # noqa: E402
+import evaluate_quantization_mteb  # noqa: E402
 import methods  # noqa: E402
 import quantization_modules as qm  # noqa: E402
 
@@ -77,6 +77,7 @@ def require(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def model():
+    """The packaged MiniLM as sentence-transformers loads it."""
     return encoders.load_base_model(encoders.DEFAULT_MODEL)
 
 
@@ -151,7 +152,7 @@ def task_with_ties(scifact_slice, tmp_path_factory) -> Path:
 
 
 one_faiss_thread = methods.one_faiss_thread  # also on two cores shared with other jobs: two threads made k-means
-# and PCA 2-10x slower and lsh384's rotation 100x (bench_search.py pins its own threads too)
+# and PCA 2-10x slower and lsh's rotation 100x (bench_search.py pins its own threads too)
 
 
 @pytest.fixture
@@ -159,14 +160,6 @@ def faiss_one_thread():
     """A test on one faiss thread (see one_faiss_thread); for the modules that say so with pytestmark."""
     with one_faiss_thread():
         yield
-
-
-def quick_opq(dim: int, make=methods.METHODS["opq48"]):
-    """opq48 with one OPQ iteration: its 50 take minutes on two cores whatever the number of texts."""
-    method = make(dim)
-    opq = faiss.downcast_VectorTransform(method.index.chain.at(0))
-    opq.niter, opq.niter_pq_0 = 1, 4
-    return method
 
 
 OPENED: list[Path] | None = None  # while a list, every file Python opens is appended (an audit hook: nothing escapes it)
@@ -181,8 +174,8 @@ sys.addaudithook(_record_opens)
 
 
 def run_training(args: list[str]) -> SimpleNamespace:
-    """The training command with `args`, recording every file it opens, every text it embeds (with the cache it goes
-    to) and the number of rows each fit and each training receives."""
+    """The training command with `args`, recording every file it opens, every text it embeds (with its kind and
+    task prompt) and the number of rows each fit and each training receives."""
     global OPENED
     embedded, fitted_rows = [], {}
 
@@ -195,11 +188,10 @@ def run_training(args: list[str]) -> SimpleNamespace:
         patch.setattr(owner, name, wrapper)
 
     with pytest.MonkeyPatch.context() as patch:
-        spy(qm, "embed_texts", lambda model, texts, cache, *a, **k: embedded.append((Path(cache).name, list(texts))))
-        for cls in (methods.FaissCodes, methods.PCA, methods.BinaryCodes):
+        spy(encoders.BaseModel, "embed", lambda self, texts, kind, task_prompt=None, desc=None: embedded.append((desc, kind, list(texts))))
+        for cls in (methods.FaissCodes, methods.PCA, methods.ThresholdCodes):
             spy(cls, "fit", lambda self, x: fitted_rows.__setitem__(self.name, len(x)))
-        spy(qm, "train_candidates", lambda build, x, *a, **k: fitted_rows.__setitem__(build().method, len(x)))
-        patch.setitem(methods.METHODS, "opq48", quick_opq)
+        spy(qm, "train_candidates", lambda build, x, *a, **k: fitted_rows.__setitem__(type(build()).__name__, len(x)))
         out, OPENED = io.StringIO(), []
         try:
             with contextlib.redirect_stdout(out), one_faiss_thread():
@@ -233,7 +225,7 @@ def in_domain_task(scifact_slice, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fitted_in_domain(train_data, in_domain_task, embedding_cache, tmp_path_factory) -> SimpleNamespace:
-    """The training command, in-domain, for stage1_trained and int8 (its +rescore_int8 row needs it): as `fitted`."""
+    """The training command, in-domain, for stage1_trained and int8 (its +rerank_int8 row needs it): as `fitted`."""
     out = tmp_path_factory.mktemp("checkpoints-in-domain")
     run = run_training(["--train-data", str(train_data), "--data-dir", str(in_domain_task), "--tasks", "SciFact",
                         "--protocol", "in-domain", "--methods", "stage1_trained", "int8", "--out", str(out),
@@ -246,9 +238,7 @@ def evaluate(*args) -> str:
     """The evaluation command with `args`; returns what it printed."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), one_faiss_thread():
-        import evaluate_quantization_mteb as ev  # its import makes every registry method once: one thread too
-
-        ev.main([str(a) for a in args])
+        evaluate_quantization_mteb.main([str(a) for a in args])
     return out.getvalue()
 
 
@@ -291,10 +281,8 @@ def task_embeddings(fitted, embedding_cache) -> dict:
     """task_with_ties as the evaluation sees it: float embeddings of its documents and (test) queries, read from the
     session cache (nothing is encoded again), with ids and qrels; and the embeddings of the fitting texts."""
     corpus, queries, qrels = data.load_beir(fitted.data_dir / "scifact", "test")
-    slug = embedding_cache / encoders.model_slug(encoders.DEFAULT_MODEL)
-    fitting_texts = next(texts for cache, texts in fitted.embedded if cache == "_training")
-    return dict(
-        docs=encoders.embed_texts(None, [data.document_text(corpus[d]) for d in corpus], slug / "SciFact" / "document"),
-        queries=encoders.embed_texts(None, list(queries.values()), slug / "SciFact" / "query"),
-        fitting=encoders.embed_texts(None, fitting_texts, slug / "_training"),
-        doc_ids=list(corpus), query_ids=list(queries), qrels=qrels)
+    base = encoders.BaseModel(encoders.DEFAULT_MODEL, embedding_cache)
+    fitting_texts = next(texts for desc, kind, texts in fitted.embedded if desc == "encoding fitting texts")
+    return dict(docs=base.embed([data.document_text(corpus[d]) for d in corpus], "document"),
+                queries=base.embed(list(queries.values()), "query"), fitting=base.embed(fitting_texts, "document"),
+                doc_ids=list(corpus), query_ids=list(queries), qrels=qrels)

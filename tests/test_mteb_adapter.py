@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 
+import encoders
 import methods
 import mteb_adapter
 from conftest import TINY_DOCS, TINY_QUERIES
@@ -17,7 +18,7 @@ VERSION = f"mteb {mteb.__version__} (adapters tested with {mteb_adapter.TESTED_W
 
 
 def test_the_private_pieces_are_there():
-    mteb_adapter.check_mteb()  # raises RuntimeError naming the version when one is gone
+    mteb_adapter.check_mteb()  # raises UsageError naming the version when one is gone
 
 
 def test_ndcg_of_hand_made_rankings_is_the_hand_computed_value():
@@ -41,26 +42,27 @@ def test_ndcg_of_hand_made_rankings_is_the_hand_computed_value():
 def test_a_local_task_keeps_its_name_and_evaluator_and_reads_the_folder(tiny_beir):
     [task] = mteb_adapter.get_retrieval_tasks(["SciFact"], tiny_beir)
     assert task.metadata.name == "SciFact" and task.metadata.main_score == "ndcg_at_10", VERSION
-    assert task.relevant_docs["test"] == {q: {d: 1} for q, (_, d) in TINY_QUERIES.items()}, VERSION
-    assert set(task.corpus["test"]) == set(TINY_DOCS) and task.data_loaded, VERSION
+    assert mteb_adapter.task_qrels(task, "test") == {q: {d: 1} for q, (_, d) in TINY_QUERIES.items()}, VERSION
+    texts = mteb_adapter.task_texts(task)
+    assert texts["document"] == [document_text({"title": t, "text": x}) for t, x in TINY_DOCS.values()], VERSION
+    assert texts["query"] == [q for q, _ in TINY_QUERIES.values()] and task.data_loaded, VERSION
 
 
-def test_a_row_through_mteb_returns_the_ranking_methods_rank_gives(tiny_beir, model):
+def test_a_row_through_mteb_returns_the_ranking_methods_rank_gives(tiny_beir, tmp_path, model):
     """RowSearch (an mteb SearchProtocol model) around a row's MethodIndex: mteb's score, the ranking it keeps, and
     methods.rank on the same embeddings agree, and the row's name is mteb's revision."""
     [task] = mteb_adapter.get_retrieval_tasks(["SciFact"], tiny_beir)
-    encoder = mteb.models.SentenceTransformerEncoderWrapper(model)
-    encoder.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(
-        name="local/minilm", revision="float", embed_dim=384, similarity_fn_name=ScoringFunction.COSINE,
-        framework=["Sentence Transformers", "PyTorch"]))
+    meta = ModelMeta.create_empty(overwrites=dict(name="local/minilm", revision="float", embed_dim=384,
+                                                  similarity_fn_name=ScoringFunction.COSINE, framework=["PyTorch"]))
     method = methods.make_method("stage1_zero", 384)
-    search = mteb_adapter.RowSearch(mteb_adapter.TaskEmbeddings(encoder, 32), "stage1_zero+asym", methods.MethodIndex(method, "asym"))
+    base = encoders.BaseModel(encoders.DEFAULT_MODEL, tmp_path)
+    search = mteb_adapter.RowSearch(mteb_adapter.TaskEmbeddings(base), "stage1_zero+asym", methods.MethodIndex(method, "asym"), meta)
     assert isinstance(search, mteb.SearchProtocol), VERSION
     assert search.mteb_model_meta.revision == "stage1_zero+asym", VERSION
     result = mteb.evaluate(search, tasks=[task], cache=None, show_progress_bar=False)
     ranking = search.rankings["SciFact", "test"]
 
-    docs = model.encode([document_text({"title": t, "text": x}) for t, x in TINY_DOCS.values()])
+    docs = model.encode([document_text({"title": t, "text": x}) for t, x in TINY_DOCS.values()])  # independent encoding
     queries = model.encode([q for q, _ in TINY_QUERIES.values()])
     expected = methods.rank(method, "asym", docs, queries, list(TINY_DOCS), list(TINY_QUERIES))
     assert set(ranking) == set(expected), VERSION
@@ -71,3 +73,19 @@ def test_a_row_through_mteb_returns_the_ranking_methods_rank_gives(tiny_beir, mo
     assert qrels == {q: {d: 1} for q, (_, d) in TINY_QUERIES.items()}, VERSION
     assert result.task_results[0].get_score() == pytest.approx(mteb_adapter.ndcg_at_10(ranking, qrels), abs=1e-9), VERSION
     assert mteb_adapter.per_query_ndcg(ranking, qrels).mean() == pytest.approx(mteb_adapter.ndcg_at_10(ranking, qrels)), VERSION
+
+
+def test_task_prompts_are_mtebs_choice(tmp_path):
+    """task_prompt gives what mteb's get_prompt_name picks: task-and-kind before task before kind."""
+
+    class Prompted:
+        prompts = {"query": "query: ", "document": "passage: ", "SciFact-query": "Retrieve a claim's evidence: "}
+
+    assert mteb_adapter.task_prompt(Prompted, "SciFact", "query") == "Retrieve a claim's evidence: "
+    assert mteb_adapter.task_prompt(Prompted, "SciFact", "document") == "passage: "
+    assert mteb_adapter.task_prompt(Prompted, "NFCorpus", "query") == "query: "
+
+    class Plain:
+        prompts = {}
+
+    assert mteb_adapter.task_prompt(Plain, "SciFact", "query") is None

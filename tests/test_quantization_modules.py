@@ -1,5 +1,6 @@
-"""The quantisers, the losses, training, checkpoints, and the training command (conftest `fitted`: one real run on
-real fitting texts): what it reads, what it fits on, and that what it writes loads and scores."""
+"""The torch quantisers, their losses and training loop, and the training command (conftest `fitted`: one real run
+on real fitting texts): that a quantiser's hard codes are its registry method's codes after export, what the command
+reads and fits on, which candidate it keeps, and that bad arguments and Ctrl-C leave the checkpoints as they were."""
 
 import json
 import shutil
@@ -9,57 +10,135 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from sentence_transformers.util.quantization import quantize_embeddings
 
+import checkpoints
 import data as data_module
-import encoders
 import methods
 import mteb_adapter
 import quantization_modules as qm
 from conftest import PROGRESS_BAR, TINY_DOCS, interrupt
-from encoders import DEFAULT_MODEL
+from encoders import DEFAULT_MODEL, model_slug
 
 pytestmark = pytest.mark.usefixtures("faiss_one_thread")
+TRAINED = [name for name, e in methods.METHODS.items() if e.fitted_on == "training"]  # the registry's learned quantisers
 
 
-def random_embeddings(n=200, dim=384, seed=0):
+def random_embeddings(n=200, dim=384, seed=0) -> torch.Tensor:
     x = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
     return torch.nn.functional.normalize(x, dim=1)
 
 
-def test_bits_per_vector():
-    assert qm.QuantizationModuleStage1(384).bits_per_vector == 384
-    assert qm.QuantizationModuleStage2(384).bits_per_vector == 288
-    x = random_embeddings()
-    assert qm.QuantizationModuleStage1(384).quantize(x).shape == (200, 384)
-    assert qm.QuantizationModuleStage2(384).quantize(x).shape == (200, 288)
-    assert qm.QuantizationModuleStage2(384)(x).shape == (200, 288)
-    with pytest.raises(ValueError, match="divisible by 4, got 382"):
-        qm.QuantizationModuleStage2(382)
+def hard_bits(quantizer, x) -> np.ndarray:
+    """The quantiser's code as training's straight-through forward gives it: hard bits, read at 0.5."""
+    quantizer.straight_through = True
+    try:
+        with torch.no_grad():
+            return (quantizer(torch.as_tensor(x, dtype=torch.float32)) > 0.5).numpy()
+    finally:
+        quantizer.straight_through = False
+
+
+def registry_bits(method, x) -> np.ndarray:
+    """The bits a registry method stores for `x` (its packed code, unpacked, padding cut)."""
+    return np.unpackbits(method.encode(np.asarray(x, np.float32)), axis=1)[:, : method.code_bits_per_vector].astype(bool)
+
+
+def exported(name: str, quantizer, x) -> object:
+    """The registry method `name` holding what the quantiser exports (as the training command saves it)."""
+    method = methods.make_method(name, quantizer.embedding_dim)
+    method.load_state(quantizer.export(torch.as_tensor(x, dtype=torch.float32)), Path(f"<{name} exported>"))
+    return method
+
+
+def thermometer(bits: np.ndarray, levels: int) -> np.ndarray:
+    """Each dimension's levels - 1 bits with the set ones first: the registry's order of a thermometer code. A
+    quantiser whose thresholds crossed in training has the same bits in another order (the same Hamming distances)."""
+    n = len(bits)
+    return (-np.sort(-bits.reshape(n, -1, levels - 1).astype(np.int8), axis=2)).reshape(n, -1).astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the quantisers' codes
 
 
 def test_zero_thresholds_give_sign_bits_as_sentence_transformers_packs_them():
     x = random_embeddings()
-    bits = qm.QuantizationModuleStage1(384).quantize(x).numpy()
-    assert np.array_equal(bits, x.numpy() > 0)
-    assert np.array_equal(methods.pack_codes(bits), quantize_embeddings(x.numpy(), "ubinary"))
+    assert np.array_equal(hard_bits(qm.QuantizationModuleStage1(384), x), x.numpy() > 0)
+    assert np.array_equal(methods.make_method("stage1_zero", 384).encode(x.numpy()), quantize_embeddings(x.numpy(), "ubinary"))
 
 
 def test_stage2_truth_table():
-    quantizer = qm.QuantizationModuleStage2(8, temperature=1000.0)
-    quantizer.thresholds.data = torch.tensor([0, 0, 0, 0, 0.5, -0.5, 0.1, 0.1])
-    # dims 4..7 form the pairs (4, 5) and (6, 7); the bit is 0 only when both are at or under their thresholds
-    cases = {(0.4, -0.6): 0, (0.6, -0.6): 1, (0.4, -0.4): 1, (0.6, -0.4): 1}
-    for (a, b), want in cases.items():
-        x = torch.tensor([[1.0, -1.0, 0.2, -0.2, a, b, 0.0, 0.2]])
-        bits = quantizer.quantize(x)[0].tolist()
-        assert bits == [True, False, True, False, bool(want), True], (a, b)
-        soft = quantizer(x)[0]
-        assert torch.allclose(soft, torch.tensor(bits, dtype=torch.float32), atol=1e-3)
-        margins = quantizer.margins(x)[0]
-        assert (margins > 0).tolist() == bits  # the asymmetric query agrees with the bits
-        assert margins[4].item() == pytest.approx(max(a - 0.5, b + 0.5))  # a pair's margin: the larger of its two
+    quantizer = qm.QuantizationModuleStage2(8)
+    quantizer.thresholds.data = torch.tensor([0, 0, 0, 0, 0.5, -0.5, 0.1, 0.1])[:, None]
+    # dims 4..7 form the pairs (4, 5) and (6, 7); the pair's bit is 0 only when both are at or under their thresholds
+    cases = {(0.4, -0.6): 0, (0.6, -0.6): 1, (0.4, -0.4): 1, (0.6, -0.4): 1, (0.5, -0.5): 0}
+    x = torch.tensor([[1.0, -1.0, 0.2, -0.2, a, b, 0.0, 0.2] for a, b in cases])
+    want = np.array([[1, 0, 1, 0, bit, 1] for bit in cases.values()], dtype=bool)
+    assert np.array_equal(hard_bits(quantizer, x), want)
+    assert np.array_equal(registry_bits(exported("stage2_trained", quantizer, x), x), want)
+    with pytest.raises(ValueError, match="divisible by 4, got 382"):
+        qm.QuantizationModuleStage2(382)
+
+
+def test_a_value_exactly_on_a_threshold_gives_bit_0_in_the_hard_forward_as_in_the_registry():
+    thresholds = torch.tensor([[0.1, 0.2, 0.3], [-0.2, -0.1, 0.0], [0.0, 0.25, 0.4], [0.3, 0.5, 0.6]])
+    for name in TRAINED:
+        quantizer = qm.make_quantizer(name, 4)
+        levels = quantizer.levels
+        quantizer.thresholds.data = thresholds[:, : levels - 1].clone()
+        for k in range(levels - 1):  # each value on its k-th threshold: above the ones below it, not above this one
+            on = thresholds[:, k][None].clone()
+            above = torch.from_numpy(np.nextafter(on.numpy(), np.float32(1)))
+            bits, bits_above = hard_bits(quantizer, on), hard_bits(quantizer, above)
+            assert bits.sum() < bits_above.sum(), name  # one ulp above it, the threshold's bit is set
+            assert np.array_equal(bits, registry_bits(exported(name, quantizer, on), on)), name
+            assert np.array_equal(bits_above, registry_bits(exported(name, quantizer, on), above)), name
+            if not isinstance(quantizer, qm.QuantizationModuleStage2):  # (a soft pair ORs two 0.5s into 0.75)
+                with torch.no_grad():  # the soft code on a threshold is 0.5: read at 0.5, bit 0 as well
+                    assert np.array_equal(quantizer(on).numpy() > 0.5, bits), name
+    quantizer = qm.QuantizationModuleStage1(4)
+    quantizer.thresholds.data = thresholds[:, :1].clone()
+    assert not hard_bits(quantizer, thresholds[:, 0][None]).any()
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_each_torch_quantisers_hard_code_is_its_registry_methods_code_after_export(name):
+    """Random thresholds (unsorted, for more than two levels) and a random rotation: the quantiser trained with is the
+    method searched with. The values are kept 1e-3 from every threshold, so float rounding cannot flip a bit."""
+    d, g = 64, torch.Generator().manual_seed(3)
+    quantizer = qm.make_quantizer(name, d)
+    assert quantizer.levels == methods.METHODS[name].settings(d).get("levels", 2)
+    quantizer.thresholds.data = 0.1 * torch.randn(d, quantizer.levels - 1, generator=g)
+    rotation = torch.eye(d)
+    if hasattr(quantizer, "rotation"):
+        rotation = torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+        quantizer.rotation.data = rotation.clone()
+    values = 0.15 * torch.randn(500, d, generator=g)
+    while (near := (values[:, :, None] - quantizer.thresholds.detach()[None]).abs().min(dim=2).values < 1e-3).any():
+        values[near] = 0.15 * torch.randn(int(near.sum()), generator=g)
+    x = values @ rotation  # the quantiser compares x @ rotation.T = values
+    module, registry = hard_bits(quantizer, x), registry_bits(exported(name, quantizer, x), x)
+    assert module.shape == registry.shape == (500, methods.ThresholdCodes.code_bits(d, **methods.METHODS[name].settings(d)))
+    assert np.array_equal(thermometer(module, quantizer.levels), registry)
+    hamming = lambda b: (b[:, None, :] != b[None, :, :]).sum(2)  # noqa: E731 - what the search ranks by
+    assert np.array_equal(hamming(module[:50]), hamming(registry[:50]))
+
+
+def test_straight_through_is_hard_forward_and_sigmoid_backward():
+    quantizer = qm.QuantizationModuleStage1(384, temperature=10.0)
+    quantizer.thresholds.data = 0.01 * torch.randn(384, 1, generator=torch.Generator().manual_seed(1))
+    quantizer.straight_through = True
+    x = random_embeddings()
+    soft = quantizer(x)
+    torch.testing.assert_close(soft, (x > quantizer.thresholds.detach()[:, 0]).float())
+    soft.sum().backward()
+    s = torch.sigmoid(10.0 * (x - quantizer.thresholds.detach()[:, 0]))  # d/dt sigmoid(T (x - t)) = -T s (1 - s)
+    torch.testing.assert_close(quantizer.thresholds.grad[:, 0], (-10.0 * s * (1 - s)).sum(0), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the losses
 
 
 def test_similarity_loss_on_a_case_computed_by_hand():
@@ -74,6 +153,57 @@ def test_similarity_loss_on_a_case_computed_by_hand():
         == pytest.approx(0.0, abs=1e-7)
 
 
+def test_info_nce_is_two_sided_as_computed_by_hand():
+    """(cross-entropy of each anchor over the positives + of each positive over the anchors) / 2, on a case where the
+    two sides differ (the logits matrix is not symmetric)."""
+    anchors = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    positives = np.array([[1.0, 0.2], [0.5, 1.0], [-1.0, 1.0]])
+    unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
+
+    def cross_entropy(logits):  # mean over rows of -log softmax(row)[its own column]
+        return float(np.mean(np.log(np.exp(logits).sum(1)) - np.diag(logits)))
+
+    for temperature in (0.5, qm.NCE_TEMPERATURE):
+        logits = unit(anchors) @ unit(positives).T / temperature
+        one_sided, two_sided = cross_entropy(logits), (cross_entropy(logits) + cross_entropy(logits.T)) / 2
+        assert abs(one_sided - two_sided) > 0.04  # the case tells them apart
+        got = qm.info_nce_loss(torch.tensor(anchors, dtype=torch.float32), torch.tensor(positives, dtype=torch.float32),
+                               **({"temperature": temperature} if temperature != qm.NCE_TEMPERATURE else {}))
+        assert got.item() == pytest.approx(two_sided, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+class Recording(qm.QuantizationModuleStage1):
+    """Stage 1 that keeps every batch the training loop passes through it."""
+
+    def __init__(self, dim):
+        super().__init__(dim)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return super().forward(x)
+
+
+def test_training_samples_pairs_from_every_source_equally_whatever_its_size():
+    """1,000 pairs from one source, 10 from another: the anchors the loop feeds the contrastive loss come from each
+    about equally often (a uniform draw over pairs would give the small source 1%)."""
+    g = torch.Generator().manual_seed(0)
+    sizes = {0: 1000, 1: 10}
+    source = torch.cat([torch.full((n,), s) for s, n in sizes.items()])
+    anchors, positives, x = (torch.randn(len(source), 16, generator=g) for _ in range(3))
+    row_source = {tuple(row.tolist()): int(s) for row, s in zip(anchors, source)}
+    quantizer = Recording(16)
+    qm.train_quantizer(quantizer, x[:128], (anchors, positives, source), epochs=5, batch_size=4, contrastive_weight=1.0,
+                       verbose=False)
+    drawn = [row_source[tuple(row.tolist())] for batch in quantizer.seen for row in batch if tuple(row.tolist()) in row_source]
+    assert len(drawn) == 5 * 32 * 4  # every step draws a batch of anchors
+    assert 0.4 < np.mean(drawn) < 0.6, np.bincount(drawn)
+
+
 def test_training_moves_the_thresholds_to_where_code_cosines_match_float_cosines():
     # Embeddings with a known offset o: every float cosine carries |o|^2, so the codes should agree more often than
     # sign bits do (0.52 here against 0.74). The loss can only get there by moving each threshold away from its
@@ -84,7 +214,7 @@ def test_training_moves_the_thresholds_to_where_code_cosines_match_float_cosines
     train, held_out = x[:1024], x[1024:]
 
     def code_loss_and_mean_cosine(quantizer):
-        codes = qm.to_signed(quantizer.quantize(held_out))
+        codes = qm.to_signed(torch.from_numpy(hard_bits(quantizer, held_out)))
         cosines = torch.nn.functional.normalize(codes, dim=1) @ torch.nn.functional.normalize(codes, dim=1).T
         mean_cosine = (cosines.sum() - len(codes)).item() / len(codes) / (len(codes) - 1)  # off the diagonal
         return qm.similarity_preservation_loss(held_out, codes).item(), mean_cosine
@@ -93,36 +223,59 @@ def test_training_moves_the_thresholds_to_where_code_cosines_match_float_cosines
     float_cosine = ((unit @ unit.T).sum() - len(unit)).item() / len(unit) / (len(unit) - 1)
     quantizer = qm.QuantizationModuleStage1(64)
     before, before_cosine = code_loss_and_mean_cosine(quantizer)
-    qm.train_quantizer(quantizer, train, epochs=20, batch_size=256, lr=1e-2, verbose=False)
+    losses = qm.train_quantizer(quantizer, train, epochs=20, batch_size=256, lr=1e-2, verbose=False)
     after, after_cosine = code_loss_and_mean_cosine(quantizer)
+    assert len(losses) == 20 and losses[-1] < losses[0]
     assert abs(before_cosine - float_cosine) > 0.15 and abs(after_cosine - float_cosine) < 0.03
     assert after < 0.25 * before  # on held-out embeddings, with the hard bits that search uses
-    t, large = quantizer.thresholds.detach(), offset.abs() > 0.1
+    t, large = quantizer.thresholds.detach()[:, 0], offset.abs() > 0.1
     assert (torch.sign(t[large]) == -torch.sign(offset[large])).float().mean() > 0.9
 
 
-def test_straight_through_is_hard_forward_and_sigmoid_backward():
-    quantizer = qm.QuantizationModuleStage1(384, temperature=10.0)
-    quantizer.thresholds.data = 0.01 * torch.randn(384, generator=torch.Generator().manual_seed(1))
-    quantizer.straight_through = True
-    x = random_embeddings()
-    soft = quantizer(x)
-    assert torch.equal(soft, quantizer.quantize(x).float())
-    soft.sum().backward()
-    s = torch.sigmoid(10.0 * (x - quantizer.thresholds.detach()))  # d/dt sigmoid(T (x - t)) = -T s (1 - s)
-    torch.testing.assert_close(quantizer.thresholds.grad, (-10.0 * s * (1 - s)).sum(0), rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("name", [n for n in TRAINED if methods.METHODS[n].settings(32).get("levels", 2) > 2])
+def test_a_multi_level_quantiser_learns_and_its_export_round_trips_through_a_checkpoint(name, tmp_path):
+    """Thermometer codes at 3 and 4 levels, started at a random candidate's thresholds (the quantiles moved at random,
+    crossing some): training lowers the similarity loss, per epoch and on the whole set with the hard codes; the
+    checkpoint it exports loads as the registry method, whose codes are the quantiser's hard codes."""
+    d = 32
+    quantizer = qm.make_quantizer(name, d)
+    assert isinstance(quantizer, qm.QuantizationModuleMultiLevel) and quantizer.levels in (3, 4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(1024, d, generator=g) + 0.3 * torch.randn(d, generator=g), dim=1)
+    quantizer.thresholds.data = qm.initial_thresholds("random0", x, quantizer.levels, 0)
+    hard_loss = lambda: qm.similarity_preservation_loss(x, qm.to_signed(torch.from_numpy(hard_bits(quantizer, x)))).item()  # noqa: E731
+    before = hard_loss()
+    losses = qm.train_quantizer(quantizer, x, epochs=8, batch_size=128, lr=1e-2, verbose=False)
+    assert len(losses) == 8 and losses[-1] < 0.95 * losses[0], losses
+    assert hard_loss() < 0.85 * before
+    path = checkpoints.checkpoint_path(tmp_path, DEFAULT_MODEL, name)
+    checkpoints.save_checkpoint(path, quantizer.export(x), {"base_model": DEFAULT_MODEL, "method": name, "dimension": str(d),
+                                                            "protocol": "transfer"})
+    method, meta = checkpoints.load_method(name, d, DEFAULT_MODEL, tmp_path, "transfer")
+    assert isinstance(method, methods.ThresholdCodes) and method.levels == quantizer.levels and meta["method"] == name
+    assert np.array_equal(registry_bits(method, x), thermometer(hard_bits(quantizer, x), quantizer.levels))
+    # each level decodes to the mean of the training values in it (what asym scores with)
+    levels = method.quantize(x.numpy())
+    j, level = 0, int(np.bincount(levels[:, 0]).argmax())
+    assert method.recon[j, level] == pytest.approx(float(x[levels[:, 0] == level, j].mean()), rel=1e-5)
 
 
-def test_info_nce_prefers_matched_pairs():
-    x = qm.to_signed(qm.QuantizationModuleStage1(384)(random_embeddings(64)))
-    matched = qm.info_nce_loss(x, x)
-    shuffled = qm.info_nce_loss(x, x[torch.randperm(64, generator=torch.Generator().manual_seed(0))])
-    assert matched < 0.1 < shuffled
+def test_the_rotation_stays_orthogonal_and_keeps_every_float_cosine():
+    x = random_embeddings(300)
+    pairs = (x[0::2], x[1::2], torch.arange(150) % 3)
+    quantizer = qm.QuantizationModuleStage1Rotated(384)
+    assert np.array_equal(hard_bits(quantizer, x), x.numpy() > 0)  # starts as sign bits
+    qm.train_quantizer(quantizer, x, pairs, epochs=3, batch_size=64, lr=1e-2, contrastive_weight=1.0, verbose=False)
+    r = quantizer.rotation.detach()
+    assert (r - torch.eye(384)).abs().max() > 1e-3  # it learned something
+    assert torch.allclose(r @ r.T, torch.eye(384), atol=1e-4)  # and is still a rotation: float cosines are unchanged
+    assert torch.allclose((x @ r.T) @ (x @ r.T).T, x @ x.T, atol=1e-4)
+    assert np.array_equal(hard_bits(quantizer, x), (x @ r.T - quantizer.thresholds.detach()[:, 0] > 0).numpy())
 
 
 def test_each_activation_trains_and_the_best_validation_candidate_is_kept():
     x = random_embeddings(300) + 0.02
-    pairs = (torch.arange(0, 300, 2), torch.arange(1, 300, 2), torch.arange(150) % 3)
+    pairs = (x[0::2], x[1::2], torch.arange(150) % 3)
     for activation in qm.ACTIVATIONS:
         quantizer = qm.QuantizationModuleStage1(384)
         losses = qm.train_quantizer(quantizer, x, pairs, epochs=2, batch_size=64, activation=activation,
@@ -130,74 +283,24 @@ def test_each_activation_trains_and_the_best_validation_candidate_is_kept():
         assert len(losses) == 2 and not quantizer.straight_through
         assert quantizer.temperature == (qm.ANNEAL[1] if activation == "anneal" else qm.TEMPERATURE)
     # a validation that prefers thresholds near 0.01: the kept quantiser is the candidate that scored best
-    score = lambda quantizer: -float((quantizer.thresholds.detach() - 0.01).abs().mean())  # noqa: E731
-    best, init, scores = qm.train_candidates(lambda: qm.QuantizationModuleStage1(384), x, lambda q: {"tiny": score(q)},
-                                             n_random=2, epochs=1)
-    assert set(scores) == {"zero", "median", "random0", "random1"}
-    assert init == max(scores, key=lambda k: scores[k]["mean"]) and score(best) == scores[init]["tiny"]
-    assert len({round(v["mean"], 9) for v in scores.values()}) == 4  # the candidates really differ
+    scored = []
+
+    def validate(quantizer):
+        score = -float((quantizer.thresholds.detach() - 0.01).abs().mean())
+        scored.append((quantizer, score))
+        return {"tiny": score}
+
+    best, init, scores = qm.train_candidates(lambda: qm.QuantizationModuleStage1(384), x, validate, n_random=2, epochs=1)
+    assert list(scores) == qm.candidate_inits(2, 2) == ["zero", "median", "random0", "random1"]
+    assert [s["tiny"] for s in scores.values()] == [s for _, s in scored]
+    winner = max(range(len(scored)), key=lambda i: scored[i][1])
+    assert best is scored[winner][0] and init == list(scores)[winner] and scores[init]["mean"] == scored[winner][1]
+    assert 0 < winner < len(scored) - 1  # neither the first nor the last candidate: the order does not decide it
+    assert len({round(s, 9) for _, s in scored}) == 4  # the candidates really differ
 
 
-def test_rotation_stays_orthogonal_keeps_cosines_and_round_trips(tmp_path):
-    x = random_embeddings(300)
-    pairs = (torch.arange(0, 300, 2), torch.arange(1, 300, 2), torch.arange(150) % 3)
-    quantizer = qm.QuantizationModuleStage1Rotated(384)
-    assert quantizer.method == "stage1_rotated" and torch.equal(quantizer.quantize(x), x > 0)  # starts as sign bits
-    qm.train_quantizer(quantizer, x, pairs, epochs=3, batch_size=64, lr=1e-2, contrastive_weight=1.0, verbose=False)
-    r = quantizer.rotation.detach()
-    assert (r - torch.eye(384)).abs().max() > 1e-3  # it learned something
-    assert torch.allclose(r @ r.T, torch.eye(384), atol=1e-4)  # and is still a rotation: float cosines are unchanged
-    assert torch.allclose((x @ r.T) @ (x @ r.T).T, x @ x.T, atol=1e-4)
-    assert torch.equal(quantizer.quantize(x), x @ r.T - quantizer.thresholds > 0)
-    path = qm.checkpoint_path(tmp_path, DEFAULT_MODEL, "stage1_rotated")
-    qm.save_quantizer(path, quantizer, {"base_model": DEFAULT_MODEL})
-    loaded, meta = qm.load_quantizer(path, DEFAULT_MODEL, 384, qm.QuantizationModuleStage1Rotated, "transfer")
-    assert meta["method"] == "stage1_rotated" and torch.equal(loaded.rotation, quantizer.rotation)
-    assert torch.equal(loaded.quantize(x), quantizer.quantize(x)) and torch.equal(loaded.margins(x), quantizer.margins(x))
-    assert list(qm.QuantizationModuleStage1(384).state_dict()) == ["thresholds"]  # plain thresholds keep no rotation
-
-
-def test_checkpoint_round_trip_and_refusals(tmp_path):
-    quantizer = qm.QuantizationModuleStage2(384, temperature=7.0)
-    quantizer.thresholds.data = torch.linspace(-0.1, 0.1, 384)
-    path = qm.checkpoint_path(tmp_path, "org/model", "stage2")
-    assert path == tmp_path / "org__model" / "stage2.safetensors"
-    in_domain = qm.checkpoint_path(tmp_path, "org/model", "stage2", "in-domain")
-    assert in_domain == tmp_path / "org__model" / "in-domain" / "stage2.safetensors"
-    qm.save_quantizer(path, quantizer, {"base_model": "org/model", "protocol": "transfer", "training_sources": {"a": 3}})
-    loaded, meta = qm.load_quantizer(path, "org/model", 384, qm.QuantizationModuleStage2, "transfer")
-    assert isinstance(loaded, qm.QuantizationModuleStage2) and loaded.temperature == 7.0 and not loaded.training
-    assert torch.equal(loaded.thresholds, quantizer.thresholds)
-    assert json.loads(meta["training_sources"]) == {"a": 3} and meta["method"] == "stage2"
-
-    refusals = [
-        (("org/other", 384, qm.QuantizationModuleStage2, "transfer"), "was made for model 'org/model', not 'org/other'"),
-        (("org/model", 768, qm.QuantizationModuleStage2, "transfer"), "is for dimension 384, but org/model gives 768"),
-        (("org/model", 384, qm.QuantizationModuleStage1, "transfer"), "holds a stage2 checkpoint, not stage1"),
-        (("org/model", 384, qm.QuantizationModuleStage2, "in-domain"), "made under protocol 'transfer', not 'in-domain'"),
-    ]
-    for args, message in refusals:
-        with pytest.raises(data_module.UsageError, match=message):
-            qm.load_quantizer(path, *args)
-    pickled = tmp_path / "pickled.safetensors"
-    torch.save({"thresholds": quantizer.thresholds.data}, pickled)
-    with pytest.raises(data_module.UsageError, match="pickled checkpoints are refused"):
-        qm.load_quantizer(pickled, "org/model", 384, qm.QuantizationModuleStage2)
-    meta = safe_open(str(path), framework="pt").metadata()
-    save_file({"limits": torch.zeros(384)}, str(path), metadata=meta)
-    with pytest.raises(data_module.UsageError, match=r"holds tensors \{'limits': \(384,\)\}, but a stage2 quantiser"):
-        qm.load_quantizer(path, "org/model", 384, qm.QuantizationModuleStage2)
-    save_file({"thresholds": torch.zeros(384)}, str(path), metadata=meta | {"method": "stage1_rotated"})
-    with pytest.raises(data_module.UsageError, match=r"holds tensors \{'thresholds': \(384,\)\}, but a stage1_rotated"):
-        qm.load_quantizer(path, "org/model", 384, qm.QuantizationModuleStage1Rotated)
-
-
-def test_a_missing_checkpoint_names_a_training_command_that_accepts_it(tmp_path):
-    for name in methods.LEARNED + ["pq48"]:
-        with pytest.raises(data_module.UsageError) as refused:
-            methods.load_method(name, 384, DEFAULT_MODEL, tmp_path, "transfer")
-        command = str(refused.value).split("make one with: python quantization_modules.py ")[1].split()
-        assert command[command.index("--methods") + 1] == name
+# ---------------------------------------------------------------------------------------------------------------
+# training data
 
 
 def test_training_data_is_balanced_and_transfer_never_reads_evaluated_tasks(tiny_beir, monkeypatch):
@@ -235,37 +338,46 @@ def test_training_and_validation_queries_never_meet_test_queries(folder, shared_
         assert len(validation) == round(0.2 * 809) and splits == data_module.task_query_splits(shared_beir / folder)
 
 
-def fitted_names() -> list[str]:
-    return [name for name in methods.METHODS if methods.make_method(name, 384).fitted_on != "nothing"]
+# ---------------------------------------------------------------------------------------------------------------
+# the training command
+
+
+def fitted_names(protocol: str = "transfer") -> list[str]:
+    return [n for n, e in methods.METHODS.items() if e.fitted_on != "nothing" and protocol in e.protocols]
 
 
 def checkpoint_metadata(run, name: str, protocol: str = "transfer") -> dict:
-    path = qm.checkpoint_path(run.checkpoints, DEFAULT_MODEL, methods.make_method(name, 384).checkpoint, protocol)
-    return safe_open(str(path), framework="pt").metadata()
+    path = checkpoints.checkpoint_path(run.checkpoints, DEFAULT_MODEL, name, protocol)
+    return safe_open(str(path), framework="np").metadata()
+
+
+def embedded(run, desc: str) -> list[str]:
+    return [text for d, _, texts in run.embedded if d == desc for text in texts]
 
 
 def test_transfer_training_fits_every_method_on_transfer_texts_and_reads_no_test_qrels(fitted, train_data):
     folder = fitted.data_dir / "scifact"
     corpus, queries, _ = data_module.load_beir(folder)
     # files of the evaluated task: its corpus and queries (validation ranks against them) and its dev qrels. Not test.
-    opened = {p.relative_to(folder.resolve()) for p in fitted.opened if p.is_relative_to(folder.resolve())}
+    opened = {str(p.relative_to(folder.resolve())) for p in fitted.opened if p.is_relative_to(folder.resolve())}
     assert (folder / "qrels" / "test.tsv").is_file()
-    assert {str(p) for p in opened} == {"corpus.jsonl", "queries.jsonl", "qrels/dev.tsv"}
+    assert opened == {"corpus.jsonl", "queries.jsonl", "qrels/dev.tsv"}
     # what every method was fitted or trained on: the texts of the transfer pairs, none of the task's texts
-    fitting = [texts for cache, texts in fitted.embedded if cache == "_training"]
-    assert len(fitting) == 1
+    fitting = embedded(fitted, "encoding fitting texts")
     pair_texts = {t for line in (train_data / "pairs" / "quora.jsonl").read_text().splitlines() for t in json.loads(line).values()}
     task_texts = {data_module.document_text(d) for d in corpus.values()} | set(queries.values())
-    assert set(fitting[0]) <= pair_texts and not set(fitting[0]) & task_texts and len(fitting[0]) > 500
-    trained = {"stage1_trained": "stage1", "stage1_rotated": "stage1_rotated", "stage2_trained": "stage2"}
-    assert fitted.fitted_rows == {trained.get(n, n): len(fitting[0]) for n in fitted_names()}
+    assert set(fitting) <= pair_texts and not set(fitting) & task_texts and len(fitting) > 500
+    assert set(embedded(fitted, "encoding training anchors")) <= pair_texts
+    quantizers = {methods.METHODS[n].quantizer for n in TRAINED}
+    assert fitted.fitted_rows == {n: len(fitting) for n in fitted_names() if n not in TRAINED} | dict.fromkeys(quantizers, len(fitting))
     # and every checkpoint says so
-    written = sorted(p.stem for p in (fitted.checkpoints / encoders.model_slug(DEFAULT_MODEL)).glob("*.safetensors"))
-    assert written == sorted(methods.make_method(n, 384).checkpoint for n in fitted_names())
+    written = sorted(p.stem for p in (fitted.checkpoints / model_slug(DEFAULT_MODEL)).glob("*.safetensors"))
+    assert written == sorted(fitted_names())
     for name in fitted_names():
         meta = checkpoint_metadata(fitted, name)
         assert json.loads(meta["training_sources"]) == {"pairs/quora": 300} and meta["protocol"] == "transfer", name
         assert json.loads(meta["validation_query_ids"]) == {"SciFact": list(data_module.load_qrels(folder, "dev"))}
+        assert meta["method"] == name and meta["dimension"] == "384"
 
 
 def test_in_domain_training_adds_the_train_queries_and_still_reads_no_test_qrels(fitted_in_domain):
@@ -273,38 +385,43 @@ def test_in_domain_training_adds_the_train_queries_and_still_reads_no_test_qrels
     opened = {str(p.relative_to(folder.resolve())) for p in fitted_in_domain.opened if p.is_relative_to(folder.resolve())}
     assert opened == {"corpus.jsonl", "queries.jsonl", "qrels/dev.tsv", "qrels/train.tsv"}
     train, dev = data_module.load_qrels(folder, "train"), data_module.load_qrels(folder, "dev")
+    _, queries, _ = data_module.load_beir(folder)
+    test = data_module.load_qrels(folder, "test")
+    anchors = set(embedded(fitted_in_domain, "encoding training anchors"))
+    assert {q for q in train if q in queries} and anchors >= {queries[q] for q in train}  # train queries are anchors
+    assert not anchors & {queries[q] for q in [*test, *dev]}  # validation and test queries never are
     for name in ("stage1_trained", "int8"):
         meta = checkpoint_metadata(fitted_in_domain, name, "in-domain")
         assert meta["protocol"] == "in-domain"
         assert json.loads(meta["training_sources"]) == {"in-domain/SciFact": sum(s > 0 for d in train.values() for s in d.values()),
                                                         "pairs/quora": 600}  # the general pairs become texts
         assert json.loads(meta["validation_query_ids"]) == {"SciFact": list(dev)} and not set(dev) & set(train)
-    assert not (fitted_in_domain.checkpoints / encoders.model_slug(DEFAULT_MODEL) / "stage1.safetensors").exists()
+    assert not checkpoints.checkpoint_path(fitted_in_domain.checkpoints, DEFAULT_MODEL, "stage1_trained").exists()
 
 
-def test_every_checkpoint_the_training_command_writes_loads_and_scores(fitted, task_embeddings):
-    qrels = data_module.load_qrels(fitted.data_dir / "scifact", "dev")  # what the command validated on (here = test)
+def test_the_kept_candidate_is_the_best_on_validation_and_its_checkpoint_scores_what_it_was_chosen_with(fitted, task_embeddings):
+    """For every trained method: the checkpoint ranks the validation queries (here the dev = test qrels) with exactly
+    the nDCG@10 stored for its initialisation, which is the best of the candidates'."""
+    qrels = data_module.load_qrels(fitted.data_dir / "scifact", "dev")
     task = {k: task_embeddings[k] for k in ("docs", "queries", "doc_ids", "query_ids")}
-    ndcg = lambda method: mteb_adapter.ndcg_at_10(methods.rank(method, next(iter(method.modes)), **task), qrels)  # noqa: E731
-    float_ndcg = ndcg(methods.make_method("float", 384))
-    assert 0.7 < float_ndcg < 0.95
-    for name in fitted_names():
-        method, meta = methods.load_method(name, 384, DEFAULT_MODEL, fitted.checkpoints, "transfer", modes=[])
-        score = ndcg(method)
-        assert 0.8 * float_ndcg < score <= float_ndcg + 0.02, name
-        if name in methods.LEARNED:  # the training command chose it on this very ranking: the same number
-            validation = json.loads(meta["validation_ndcg_at_10"])
-            assert score == pytest.approx(validation[meta["initialisation"]]["SciFact"], abs=1e-9), name
-            assert validation[meta["initialisation"]]["mean"] == max(v["mean"] for v in validation.values())
+    for name in TRAINED:
+        method, meta = checkpoints.load_method(name, 384, DEFAULT_MODEL, fitted.checkpoints, "transfer")
+        validation = json.loads(meta["validation_ndcg_at_10"])
+        assert list(validation) == qm.candidate_inits(method.levels, 0), name
+        assert validation[meta["initialisation"]]["mean"] == max(v["mean"] for v in validation.values()), name
+        score = mteb_adapter.ndcg_at_10(methods.rank(method, "hamming", **task), qrels)
+        assert score == pytest.approx(validation[meta["initialisation"]]["SciFact"], abs=1e-9), name
+        assert f"{name}: chose init {meta['initialisation']} (validation mean nDCG@10 " in fitted.stdout
 
 
 def test_loss_weights_that_train_nothing_are_refused(tmp_path):
     for args in (["--sim-weight", "0", "--methods", "stage1_trained"], ["--contrastive-weight", "-1", "--methods", "stage1_rotated"],
                  ["--sim-weight", "nan", "--methods", "stage1_trained"]):
         with pytest.raises(SystemExit) as exit_info:
-            qm.main(["--train-data", str(tmp_path), "--data-dir", str(tmp_path), "--out", str(tmp_path / "ck"), *args])
+            qm.main(["--train-data", str(tmp_path / "no-data"), "--data-dir", str(tmp_path), "--out", str(tmp_path / "ck"),
+                     "--cache-dir", str(tmp_path / "cache"), *args])
         assert str(exit_info.value).startswith("error: ") and "loss weights must be >= 0 and not both 0" in str(exit_info.value)
-    assert not (tmp_path / "ck").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # refused before reading or writing anything
 
 
 @pytest.mark.parametrize("args, message", [
@@ -318,12 +435,13 @@ def test_loss_weights_that_train_nothing_are_refused(tmp_path):
     (["--lr", "nan"], "--lr must be positive"),
     (["--methods", "stage1"], "invalid choice: 'stage1'"),  # registry names only
     (["--methods", "float"], "invalid choice: 'float'"),  # nothing to fit
+    (["--protocol", "both"], "invalid choice: 'both'"),
 ])
 def test_training_command_refuses_bad_arguments_before_any_work(tmp_path, args, message):
     with pytest.raises(SystemExit) as exit_info:
-        qm.main(["--train-data", str(tmp_path / "no-data"), "--out", str(tmp_path / "ck"), *args])
+        qm.main(["--train-data", str(tmp_path / "no-data"), "--out", str(tmp_path / "ck"), "--cache-dir", str(tmp_path / "cache"), *args])
     assert str(exit_info.value).startswith("error: ") and message in str(exit_info.value) and "\n" not in str(exit_info.value)
-    assert not (tmp_path / "ck").exists()
+    assert not list(tmp_path.iterdir())
 
 
 def test_training_command_refuses_an_unwritable_folder_or_no_validation_queries_before_training(tmp_path, tiny_beir):
@@ -341,29 +459,26 @@ def test_training_command_refuses_an_unwritable_folder_or_no_validation_queries_
         qm.main(["--train-data", str(train), "--data-dir", str(tiny_beir), "--tasks", "SciFact", "--out", str(tmp_path / "ck"),
                  "--cache-dir", str(tmp_path / "cache")])
     assert str(exit_info.value).startswith("error: SciFact: no validation queries")
-    assert not list((tmp_path / "ck").rglob("*.safetensors"))
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "cache").exists()  # nothing was encoded either
 
 
-def test_embed_texts_reads_other_caches_instead_of_encoding_again(tmp_path, model):
-    texts = ["a first sentence", "a second sentence"]
-    first = encoders.embed_texts(model, texts, tmp_path / "task_documents")
-    again = encoders.embed_texts(None, texts[::-1], tmp_path / "training", also=[tmp_path / "task_documents"])  # no model needed
-    assert np.array_equal(again, first[::-1])
-
-
-def test_too_few_fitting_texts_for_a_codebook_is_one_line_and_writes_nothing(tmp_path, task_with_ties, embedding_cache):
-    """pq48 learns 256 centroids per sub-quantiser: faiss refuses fewer texts; the command says so in one line."""
+def test_too_few_fitting_texts_for_a_codebook_is_one_line_and_the_other_methods_go_on(tmp_path, task_with_ties, embedding_cache,
+                                                                                        capsys):
+    """pq1b learns 256 centroids per sub-quantiser: faiss refuses 100 texts; the command says so in one line, writes
+    the checkpoints it could make, and none for pq1b."""
     train = tmp_path / "train"
     (train / "pairs").mkdir(parents=True)
     (train / "pairs" / "p.jsonl").write_text("".join(json.dumps({"anchor": f"question {i}", "positive": f"answer number {i}"}) + "\n"
                                                      for i in range(50)))
-    with pytest.raises(SystemExit) as exit_info:
-        qm.main(["--train-data", str(train), "--data-dir", str(task_with_ties), "--tasks", "SciFact", "--methods", "int8", "pq48",
-                 "--out", str(tmp_path / "ck"), "--cache-dir", str(embedding_cache)])
-    message = str(exit_info.value)
-    assert message == "error: pq48: cannot be fitted on 100 texts (Number of training points (100) should be at least as " \
-                      "large as number of clusters (256))", message
-    assert not (tmp_path / "ck").exists() or not list((tmp_path / "ck").rglob("*.safetensors"))  # not even int8's
+    qm.main(["--train-data", str(train), "--data-dir", str(task_with_ties), "--tasks", "SciFact", "--methods", "int8", "pq1b",
+             "--out", str(tmp_path / "ck"), "--cache-dir", str(embedding_cache)])
+    out, err = capsys.readouterr()
+    assert [line for line in out.splitlines() if line.startswith("pq1b")] == [
+        "pq1b: skipped, cannot be fitted on 100 texts (Number of training points (100) should be at least as large as "
+        "number of clusters (256))"]
+    assert not [line for line in err.splitlines() if line.strip() and not PROGRESS_BAR.match(line)]  # no traceback
+    written = sorted(p.name for p in (tmp_path / "ck").rglob("*.safetensors"))
+    assert written == ["int8.safetensors"] and "wrote 1 checkpoints" in out
 
 
 @pytest.fixture
@@ -379,10 +494,10 @@ def tiny_training(tmp_path, tiny_beir) -> list:
 
 def previous_checkpoints(out: Path) -> dict[str, bytes]:
     """Stand-ins for an earlier run's int8, Stage 1 and Stage 2 checkpoints in `out`; returns every file under `out`."""
-    for stem in ("int8", "stage1", "stage2"):
-        path = qm.checkpoint_path(out, DEFAULT_MODEL, stem)
+    for name in ("int8", "stage1_trained", "stage2_trained"):
+        path = checkpoints.checkpoint_path(out, DEFAULT_MODEL, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(f"the previous run's {stem}".encode())
+        path.write_bytes(f"the previous run's {name}".encode())
     return files_under(out)
 
 
@@ -410,7 +525,7 @@ def test_an_interrupted_training_run_leaves_the_previous_checkpoints_byte_identi
     previous, real, trained = previous_checkpoints(tmp_path / "ck"), qm.train_candidates, []
 
     def interrupted_at_the_last(build, *args, **kwargs):
-        trained.append(build().method)
+        trained.append(type(build()).__name__)
         if len(trained) == 2:
             raise KeyboardInterrupt
         return real(build, *args, **kwargs)
@@ -419,9 +534,10 @@ def test_an_interrupted_training_run_leaves_the_previous_checkpoints_byte_identi
     with pytest.raises(SystemExit) as exit_info:
         qm.main([*map(str, tiny_training), "--out", str(tmp_path / "ck"), "--methods", "int8", "stage1_trained",
                  "stage2_trained", "--random-inits", "0", "--epochs", "1"])
-    assert exit_info.value.code == 130 and trained == ["stage1", "stage2"]
-    stderr = capsys.readouterr().err
-    assert [line for line in stderr.splitlines() if line.strip() and not PROGRESS_BAR.match(line)] == [INTERRUPTED]
+    assert exit_info.value.code == 130 and trained == ["QuantizationModuleStage1", "QuantizationModuleStage2"]
+    out, err = capsys.readouterr()
+    assert "int8: fitted on " in out and "stage1_trained: chose init " in out  # they were made, then not written
+    assert [line for line in err.splitlines() if line.strip() and not PROGRESS_BAR.match(line)] == [INTERRUPTED]
     assert files_under(tmp_path / "ck") == previous
 
 
@@ -434,3 +550,11 @@ def test_a_training_failure_after_the_writability_check_leaves_no_new_checkpoint
         qm.main(["--train-data", str(tmp_path / "train"), "--data-dir", str(tiny_beir), "--tasks", "SciFact",
                  "--out", str(tmp_path / "new" / "ck"), "--cache-dir", str(tmp_path / "cache")])
     assert not (tmp_path / "new").exists()
+
+
+def test_a_missing_checkpoint_names_a_training_command_that_accepts_it(tmp_path):
+    for name in fitted_names():
+        with pytest.raises(data_module.UsageError) as refused:
+            checkpoints.load_method(name, 384, DEFAULT_MODEL, tmp_path, "transfer")
+        command = str(refused.value).split("make one with: python quantization_modules.py ")[1].split()
+        assert qm.parse_args(command).methods == [name]

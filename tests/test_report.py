@@ -181,3 +181,70 @@ def test_plot_is_a_png_with_a_panel_per_task(known_frontier):
         assert png.startswith(b"\x89PNG\r\n\x1a\n")
     height, width = matplotlib.image.imread(io.BytesIO(one_task)).shape[:2]
     assert matplotlib.image.imread(io.BytesIO(two_tasks)).shape[1] > 1.5 * width - 200
+
+
+def test_the_bootstrap_interval_is_95_percent_as_scipy_computes_it():
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    a, b = rng.random(200), rng.random(200) * 0.8
+    _, low, high, _ = report.paired_test(a, b)
+    for level, close in [(0.95, True), (0.90, False)]:
+        ci = stats.bootstrap(((a - b),), np.mean, confidence_level=level, method="percentile", n_resamples=20_000,
+                             random_state=0).confidence_interval
+        near = abs(low - ci.low) < 0.004 and abs(high - ci.high) < 0.004  # resampling noise: ~0.001 here
+        assert near == close, (level, low, high, ci)
+
+
+def test_significantly_better_means_on_every_task(known_frontier):
+    rows, scores, info, nbytes = known_frontier
+    # a second task where int8 is no better than learned48: the 384 B budget is significant on T only -> "no"
+    second = {("U", "test", r): s for (_, _, r), s in scores.items()}
+    second["U", "test", "int8"] = scores["T", "test", "learned48"] + np.array([0.05, -0.05] * 4)
+    both = {**scores, **second}
+    rows2 = report.add_statistics(long_rows(both, nbytes), both, "float", baseline="sign")
+    budgets = {r["budget"]: r for r in markdown_table(report.frontier_report(rows2, both, "two", "float", info, budgets=(384,),
+                                                                              baseline="sign"), "budget")}
+    assert budgets["384 B"]["Δ T (p)"].endswith("*") and not budgets["384 B"]["Δ U (p)"].endswith("*")
+    assert budgets["384 B"]["sig. better"] == "no"
+    # and where int8 is better on both tasks: "yes"
+    second["U", "test", "int8"] = scores["T", "test", "int8"]
+    both = {**scores, **second}
+    rows2 = report.add_statistics(long_rows(both, nbytes), both, "float", baseline="sign")
+    budgets = {r["budget"]: r for r in markdown_table(report.frontier_report(rows2, both, "two", "float", info, budgets=(384,),
+                                                                              baseline="sign"), "budget")}
+    assert budgets["384 B"]["sig. better"] == "yes"
+
+
+def test_learned_rows_are_compared_with_training_free_rows_of_the_same_bits_and_mode(known_frontier):
+    rows, scores, info, nbytes = known_frontier
+    for row in info:
+        info[row] = {**info[row], "bits_per_dimension": 1.0}
+    info["s2"]["bits_per_dimension"] = 0.75  # no training-free row at 0.75 bits: not compared
+    info["int8"]["family"] = "scalar"
+    rows = report.add_statistics(rows, scores, "float", baseline="sign")
+    table = markdown_table(report.frontier_report(rows, scores, "t", "float", info, baseline="sign"), "bits/dim")
+    pairs = {(r["learned"], r["training-free"]): r for r in table}
+    assert ("learned48", "sign") in pairs and not any(learned == "s2" for learned, _ in pairs)
+    assert not any(free in ("float", "int8") for _, free in pairs)  # other families are not training-free versions
+    assert pairs["learned48", "sign"]["Δ T (p)"] == "+0.0500 (0.008)*"  # +0.05 on every query: 2 / 2^8
+    assert pairs["learned48", "sign"]["learned sig. better on every task"] == "yes"
+
+
+def test_the_depth_table_names_the_first_depth_that_reaches_99_percent():
+    queries = QUERIES
+    retention = {10: 0.95, 20: 0.985, 50: 0.991, 100: 0.995}
+    scores = {("T", "test", "float"): pd.Series(0.5 + SPREAD, queries)}
+    info = {"float": {"method": "float", "family": "float", "mode": "exact", "learned": False}}
+    for k, r in retention.items():
+        row = "sign+rerank_int8" + ("" if k == 50 else f"@{k}")
+        scores["T", "test", row] = pd.Series(0.5 * r + SPREAD, queries)
+        info[row] = {"method": "sign", "family": "binary", "mode": "rerank_int8", "learned": False, "depth": k,
+                     "extra": k != 50, "bits_per_dimension": 1.0}
+    rows = report.add_statistics(long_rows(scores, {r: 432 for _, _, r in scores}), scores, "float")
+    markdown = report.frontier_report(rows, scores, "t", "float", info)
+    depth = markdown_table(markdown, "bits/dim")[-1]
+    assert depth["best method"] == "sign" and depth["k=10"] == "95.0%" and depth["first k ≥ 99%"] == "50"
+    main = [r["row"] for r in markdown_table(markdown, "row")]
+    assert sorted(main) == ["float", "sign+rerank_int8"]  # the other depths stay out of the main table
+    assert report.depth_plot(rows, info, "t").startswith(b"\x89PNG")
