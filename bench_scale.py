@@ -228,7 +228,7 @@ def evaluate(data_dir: Path, cache_dir: Path, checkpoints: Path, output: Path, n
                     seen["row"] = int(m.group(1))
                     if now := read_proc():
                         starts[seen["row"]] = now[1]
-                    print(f"  | rows done: {m.group(1)}/{m.group(2)}", file=sys.stderr)
+                    print(f"  | rows done: {int(m.group(1))}/{int(m.group(2))}", file=sys.stderr)
                 elif not m and line.strip():
                     seen["errors"].append(line.decode(errors="replace"))
         seen["errors"].append(buffer.decode(errors="replace"))

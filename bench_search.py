@@ -273,18 +273,25 @@ def time_rows(rows: list[dict], queries: np.ndarray, thread_counts: list[int], s
     One warm-up call each, which also sets how many one-query calls a row gets; then the calls take turns (query i on
     every row and configuration, then query i + 1); then the batches."""
     pairs = [(row, t) for row in rows for t in thread_counts]
-    calls = [min(single, max(MIN_SINGLE, int(SINGLE_SECONDS / max(seconds(row, queries[:1], t), 1e-9))))
-             for row, t in pairs]
+    bar = tqdm(total=2 * len(pairs), desc="timing rows", unit=" calls", file=sys.stderr)
+    calls = []
+    for row, t in pairs:
+        calls.append(min(single, max(MIN_SINGLE, int(SINGLE_SECONDS / max(seconds(row, queries[:1], t), 1e-9)))))
+        bar.update()
+    bar.total += sum(calls)
     times = [[] for _ in pairs]
     for i in range(single):
         for j, (row, t) in enumerate(pairs):
             if i < calls[j]:
                 times[j].append(seconds(row, queries[i : i + 1], t))
+                bar.update()
     for j, (row, t) in enumerate(pairs):
         row["timed"] = batch if batched(row) else min(batch, SCAN_QUERIES)
         row["calls"] = calls[j]
         row.setdefault("configs", {})[config_name(t)] = (
             1000 * float(np.median(times[j])), seconds(row, queries[: row["timed"]], t) * batch / row["timed"])
+        bar.update()
+    bar.close()
     use_threads(THREADS)
 
 

@@ -113,6 +113,8 @@ def run(args) -> None:
     # the rows: each method that applies at this dimension, with its checkpoint, in each of its modes
     embeddings, rows_to_run, info, metadata = TaskEmbeddings(base), {}, {}, {}
     names = [m for m in args.methods if args.protocol in methods.entry(m).protocols]
+    if args.protocol == "in-domain" and "float" in names and "float_adapted" not in names:
+        names.append("float_adapted")  # the in-domain reference
     rescorer = None
     for name in names:
         if reason := methods.applies(name, dim):

@@ -178,7 +178,7 @@ def test_a_rerun_encodes_nothing_and_the_report_names_only_the_references_it_has
     (["--tasks", "SciFact", "--data-dir", "/nonexistent"], "data folder not found"),
     (["--tasks", "NFCorpus", "--data-dir", "{data}"], "no folder for NFCorpus"),
     (["--tasks", "SciFact", "--rescore-k", "5"], "--rescore-k and --rerank-depths must be at least 10"),
-    (["--tasks", "SciFact", "--rerank-depths", "5", "50"], "must be at least 10, got 5"),
+    (["--tasks", "SciFact", "--rerank-depths", "5", "50"], "must be at least 10 (nDCG@10 needs ten documents), got 5"),
     (["--tasks", "SciFact", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--tasks", "SciFact", "--methods", "stage1"], "invalid choice: 'stage1'"),
     (["--tasks", "SciFact", "--modes", "hamming", "qb9"], "invalid choice: 'qb9'"),
@@ -346,11 +346,11 @@ def files_under(folder) -> dict[str, bytes]:
 
 
 def test_ctrl_c_prints_one_line_exits_130_and_leaves_no_output_or_temporary_file(tmp_path, tiny_beir):
-    """A real SIGINT while mteb evaluates the rows (the progress bar shows the first of 11 done)."""
+    """A real SIGINT while mteb evaluates the first row (its progress bar has just appeared)."""
     (tmp_path / "tmp").mkdir()
     code, stderr = interrupt("evaluate_quantization_mteb.py", [
         "--tasks", "SciFact", "--data-dir", tiny_beir, "--methods", "float", "float16", "bfloat16", "stage1_zero", "lsh",
-        "--cache-dir", tmp_path / "cache", "--output", tmp_path / "results"], b"| 1/", "stderr", {"TMPDIR": str(tmp_path / "tmp")})
+        "--cache-dir", tmp_path / "cache", "--output", tmp_path / "results"], b"rows:", "stderr", {"TMPDIR": str(tmp_path / "tmp")})
     assert (code, stderr) == (130, ["interrupted; a rerun resumes from the cache"])  # one line: no traceback
     assert not (tmp_path / "results").exists()
     assert not [p for p in (tmp_path / "cache").rglob("*.tmp")]
