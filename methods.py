@@ -618,7 +618,7 @@ def random_rotation(d_in: int, d_out: int):
 class Entry:
     """A registry entry. `settings(d)`: the family's construction settings at dimension d. `fitted_on`: "nothing",
     "texts" (fitted by the training command on the protocol's fitting texts) or "training" (trained by it: `quantizer`
-    names the quantization_modules.py class, trained with `loss_weights` = (similarity, InfoNCE)). `learned`: its
+    names the quantization_modules.py class, trained with `loss_weights` = (similarity, InfoNCE) at learning rate `lr`). `learned`: its
     thresholds are learned (the report compares it with the best training-free row)."""
 
     family: type
@@ -627,6 +627,7 @@ class Entry:
     learned: bool = False
     quantizer: str | None = None
     loss_weights: tuple[float, float] = (1.0, 0.0)
+    lr: float | None = None  # the training's learning rate, if not quantization_modules.LR (chosen on validation)
     protocols: tuple[str, ...] = ("transfer", "in-domain")
     notes: dict = field(default_factory=dict)
 
@@ -680,11 +681,11 @@ METHODS = {  # name -> declaration; the report's order within equal bytes
     "quantile1.5b": Entry(ThresholdCodes, lambda d: dict(levels=3, thresholds="quantile"), "texts"),
     "lloyd1.5b": Entry(ThresholdCodes, lambda d: dict(levels=3, thresholds="lloyd"), "texts"),
     "learned1.5b": Entry(ThresholdCodes, lambda d: dict(levels=3, thresholds="learned"), "training", learned=True,
-                         quantizer="QuantizationModuleMultiLevel"),
+                         quantizer="QuantizationModuleMultiLevel", lr=1e-4),
     "quantile2b": Entry(ThresholdCodes, lambda d: dict(levels=4, thresholds="quantile"), "texts"),
     "lloyd2b": Entry(ThresholdCodes, lambda d: dict(levels=4, thresholds="lloyd"), "texts"),
     "learned2b": Entry(ThresholdCodes, lambda d: dict(levels=4, thresholds="learned"), "training", learned=True,
-                       quantizer="QuantizationModuleMultiLevel"),
+                       quantizer="QuantizationModuleMultiLevel", lr=1e-4),
     # truncation x quantisation: the top principal components (or the first dimensions, for Matryoshka models), each
     # cut into Lloyd-Max levels, searched with the float query (bytes: the packed levels)
     "pca0.5x2b": Entry(ThresholdCodes, lambda d: dict(transform="pca", out=d // 2, levels=4, thresholds="lloyd", search=ASYM), "texts"),

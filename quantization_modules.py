@@ -43,7 +43,7 @@ from mteb_adapter import ndcg_at_10, task_prompt
 # defaults (override on the command line)
 EPOCHS = 10
 BATCH_SIZE = 512
-LR = 1e-3
+LR = 1e-3  # each registry entry may set its own (Entry.lr)
 TEMPERATURE = 10.0  # sigmoid sharpness; MiniLM dimensions have a spread of about 0.05
 ACTIVATIONS = ["sigmoid", "ste", "anneal"]  # ste: hard bits forward, sigmoid gradient backward
 ACTIVATION = "ste"  # best on validation (docs/findings.md)
@@ -318,7 +318,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--random-inits", type=int, default=RANDOM_INITS)
     p.add_argument("--epochs", type=int, default=EPOCHS)
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--lr", type=float, help=f"default per method: the registry's lr ({LR} unless it says)")
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--device", nargs="+", help="cuda, cuda:0, mps, cpu (default: the fastest here); several encode in parallel")
@@ -329,7 +329,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if value < low:
             p.error(f"{name} must be at least {low}, got {value}")
     for name, value in [("--lr", args.lr), ("--temperature", args.temperature)]:
-        if not value > 0:
+        if value is not None and not value > 0:
             p.error(f"{name} must be positive, got {value}")
     args.methods = [m for m in dict.fromkeys(args.methods) if args.protocol in methods.entry(m).protocols]
     return args
@@ -427,9 +427,12 @@ def run(args) -> None:
                 print(f"{name}: skipped, cannot be fitted on {len(embeddings):,} texts ({str(e).splitlines()[0].split('failed: ')[-1]})")
                 continue
             to_save.append((path, method.state(), meta | {"fitted_on": f"{len(embeddings):,} fitting texts"}))
-            print(f"{name}: fitted on {len(embeddings):,} texts in {time.time() - start:.1f}s")
+            mode = next(iter(methods.modes_of(name, dim)))
+            print(f"{name}: fitted on {len(embeddings):,} texts in {time.time() - start:.1f}s; validation nDCG@10 ({mode}) "
+                  + "  ".join(f"{t} {v:.4f}" for t, v in validate(method, mode).items()))
             continue
         sim_weight, contrastive_weight = weights[name]
+        lr = args.lr or methods.entry(name).lr or LR
         print(f"{name}: loss {sim_weight} * similarity_preservation + {contrastive_weight} * info_nce")
 
         def validate_quantizer(quantizer, method=method, name=name):
@@ -438,12 +441,12 @@ def run(args) -> None:
 
         quantizer, init, scores = train_candidates(
             lambda: make_quantizer(name, dim, args.temperature), embeddings, validate_quantizer, args.random_inits, args.seed,
-            pairs=pairs, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, activation=args.activation,
+            pairs=pairs, epochs=args.epochs, batch_size=args.batch_size, lr=lr, activation=args.activation,
             sim_weight=sim_weight, contrastive_weight=contrastive_weight)
         to_save.append((path, quantizer.export(embeddings), meta | {
             "quantizer": type(quantizer).__name__, "initialisation": init, "temperature": str(args.temperature),
             "loss": f"{sim_weight} * similarity_preservation + {contrastive_weight} * info_nce(t={NCE_TEMPERATURE})",
-            "activation": args.activation, "epochs": str(args.epochs), "lr": str(args.lr), "batch_size": str(args.batch_size),
+            "activation": args.activation, "epochs": str(args.epochs), "lr": str(lr), "batch_size": str(args.batch_size),
             "validation_ndcg_at_10": scores}))
         print(f"{name}: chose init {init} (validation mean nDCG@10 {scores[init]['mean']:.4f}); "
               f"{len(scores)} candidates trained in {time.time() - start:.1f}s")
