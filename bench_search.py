@@ -25,10 +25,13 @@ query on one index runs at about the one-core bandwidth (the two-shard layout re
 
 Rows that scan every code once per query (faiss's PQ, scalar-quantiser, RaBitQ and binary scanners, and the numpy
 scan of threshold levels) are timed on a batch of SCAN_QUERIES and scaled to --queries (marked *); flat float and
-fast-scan indexes, which faiss batches, on all of them. A row whose warm-up query takes long gets fewer one-query
-calls (as many as fit SINGLE_SECONDS, at least MIN_SINGLE). At N = 1,000,000 the numpy scans of threshold levels
+fast-scan indexes, which faiss batches, on all of them. A slow row gets fewer one-query calls (it stops taking turns
+after SINGLE_SECONDS and at least MIN_SINGLE calls). At N = 1,000,000 the numpy scans of threshold levels
 (asym rows) take seconds per query and the OPQ fits minutes: the output says per row how long its fit and build took,
-and --methods times a subset.
+and --methods times a subset. Memory at N = 1,000,000, d = 384: the rows hold about 13 GB (float's matrix and index
+3 GB, the two casts 1.5 GB; the re-ranking rows share the float matrix and one int8 store), plus about 6 GB for a
+moment while threshold codes are built (methods.levels_of) or PQ with 16-dimension sub-vectors encodes (faiss's
+distance tables): about 19 GB at most, estimated from a run at 200,000, which peaked at 6.4 GB.
 
     python bench_search.py                         # 1,000,000 random unit vectors, dimension 384, every method
     python bench_search.py --n 20000               # a quick run
@@ -62,10 +65,10 @@ RESCORE_K = [10, 20, 50, 100, 200]  # depths a re-ranking row is timed at
 SEED = 0
 TOP = 10
 MIN_N = 256  # PQ fits 256 centroids per sub-quantiser on the sample
-TRAIN = 50_000  # documents the text-fitted methods are fitted on (the training command fits on about as many texts)
+TRAIN = 50_000  # sampled documents the text-fitted methods are fitted on
 SCAN_QUERIES = 50  # batch of the rows that scan every code once per query, scaled to --queries
-SINGLE_SECONDS = 10.0  # one-query calls of a slow row stop at about this much time per configuration...
-MIN_SINGLE = 3  # ...but not below this many calls
+SINGLE_SECONDS = 10.0  # a slow row's one-query calls stop after this much time per configuration...
+MIN_SINGLE = 3  # ...and at least this many calls
 CHUNK = 100_000  # rows per step when generating and normalising: no big temporaries
 THREADS = faiss.omp_get_max_threads()  # "all threads": one per core unless OMP_NUM_THREADS says otherwise
 BANDWIDTH_BYTES = 2**30  # the array the bandwidth is measured on: far larger than the caches
@@ -146,7 +149,8 @@ def same_as(name: str, d: int) -> str | None:
     for other, o in methods.METHODS.items():
         if other == name:
             return None
-        if (o.family, o.fitted_on, o.quantizer) == (e.family, e.fitted_on, e.quantizer) and o.settings(d) == e.settings(d):
+        same = (o.family, o.fitted_on, o.quantizer) == (e.family, e.fitted_on, e.quantizer)
+        if same and o.settings(d) == e.settings(d):
             return other
     return None
 
@@ -270,24 +274,22 @@ def time_rows(rows: list[dict], queries: np.ndarray, thread_counts: list[int], s
     configs {name: (p50 ms, batch seconds)}, calls (one-query calls per configuration) and timed (batch queries timed;
     fewer than `batch` are scaled).
 
-    One warm-up call each, which also sets how many one-query calls a row gets; then the calls take turns (query i on
-    every row and configuration, then query i + 1); then the batches."""
+    One warm-up call each; then the one-query calls take turns (query i on every row and configuration, then query
+    i + 1), a row dropping out once it has had MIN_SINGLE calls and SINGLE_SECONDS; then the batches."""
     pairs = [(row, t) for row in rows for t in thread_counts]
-    bar = tqdm(total=2 * len(pairs), desc="timing rows", unit=" calls", file=sys.stderr)
-    calls = []
+    bar = tqdm(total=(2 + single) * len(pairs), desc="timing rows", unit=" calls", file=sys.stderr)
     for row, t in pairs:
-        calls.append(min(single, max(MIN_SINGLE, int(SINGLE_SECONDS / max(seconds(row, queries[:1], t), 1e-9)))))
+        seconds(row, queries[:1], t)
         bar.update()
-    bar.total += sum(calls)
     times = [[] for _ in pairs]
     for i in range(single):
         for j, (row, t) in enumerate(pairs):
-            if i < calls[j]:
+            if i < MIN_SINGLE or sum(times[j]) < SINGLE_SECONDS:
                 times[j].append(seconds(row, queries[i : i + 1], t))
-                bar.update()
+            bar.update()
     for j, (row, t) in enumerate(pairs):
         row["timed"] = batch if batched(row) else min(batch, SCAN_QUERIES)
-        row["calls"] = calls[j]
+        row["calls"] = len(times[j])
         row.setdefault("configs", {})[config_name(t)] = (
             1000 * float(np.median(times[j])), seconds(row, queries[: row["timed"]], t) * batch / row["timed"])
         bar.update()
@@ -322,7 +324,8 @@ def print_tables(rows: list[dict], n: int, queries: int, bandwidth_gbs: float) -
                       r["calls"], single_ms, single_ms / floor_ms, float_ms / single_ms, batch_config,
                       f"{r['timed']:,}" + ("*" if r["timed"] < queries else ""), batch_s, queries / batch_s,
                       float_s / batch_s])
-    print(f"\nEach row's best configuration against float's best (floor: MB read per query / {bandwidth_gbs:.1f} GB/s):")
+    print(f"\nEach row's best configuration against float's best (floor: MB read per query / {bandwidth_gbs:.1f} "
+          f"GB/s):")
     print(tabulate(table, tablefmt="github", intfmt=",", colalign=["left"] + ["right"] * 14,
                    floatfmt=["", "", ".1f", ".3g", ".3g", "", "", ".3g", ".2f", ".2f", "", "", ".3g", ",.0f", ".2f"],
                    headers=["row", "bytes/vec", "MiB", "MB read/query", "floor ms", "one query: best", "calls",
@@ -372,7 +375,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--embeddings", type=Path, help="float .npy matrix to use instead of random vectors")
     args = p.parse_args(argv)
     for bad, message in [  # --n first: `--n 15` alone is about --n, not about the default --rescore-k
-            (args.n < MIN_N, f"--n must be at least {MIN_N} (PQ fits {MIN_N} centroids on the documents), got {args.n}"),
+            (args.n < MIN_N, f"--n must be at least {MIN_N} (PQ fits {MIN_N} centroids on the documents), got "
+                             f"{args.n}"),
             (args.dim < 1, f"--dim must be positive, got {args.dim}"),
             (min(args.rescore_k) < TOP, f"--rescore-k must be at least {TOP} (top-{TOP} is re-ranked), got "
                                         f"{min(args.rescore_k)}"),
@@ -402,7 +406,8 @@ def run(args) -> tuple[dict, list[dict]]:
     time_rows(rows, queries, thread_counts, args.single, args.queries)
     data = f"embeddings {args.embeddings}" if args.embeddings else f"random unit vectors (seed {args.seed})"
     learned = [m for m in dict.fromkeys(r["method"] for r in rows) if methods.entry(m).fitted_on == "training"]
-    print(f"{args.n:,} vectors, dim {args.dim}, {data}; {len(rows)} rows, top-{TOP}, through methods.MethodIndex.search. "
+    print(f"{args.n:,} vectors, dim {args.dim}, {data}; {len(rows)} rows, top-{TOP}, through "
+          f"methods.MethodIndex.search. "
           f"One query: p50 of up to {args.single} calls per configuration (fewer for slow rows: 'calls'). Batch: "
           f"{args.queries:,} queries ({SCAN_QUERIES} for rows that scan every code once per query, scaled: *). "
           f"Fitted on {min(TRAIN, args.n):,} of the documents. Memory read bandwidth "

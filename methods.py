@@ -308,6 +308,8 @@ class FaissCodes(Float):
         return None
 
     def fit(self, x: np.ndarray) -> None:
+        if self.spec.startswith("OPQ") and len(x) < self.dim:  # faiss 1.15 crashes the process (seen at d = 1,024)
+            raise RuntimeError(f"failed: OPQ needs at least {self.dim:,} fitting texts, one per dimension")
         with one_faiss_thread():
             self.faiss_index.train(np.ascontiguousarray(x, dtype=np.float32))
 

@@ -118,7 +118,8 @@ def test_bytes_per_vector_are_the_registrys_and_the_built_rows(bench):
 
 def test_bandwidth_is_measured_per_thread_count(bench):
     _, result, _, _ = bench
-    assert set(result["bandwidth_gbs"]) == {"1", str(bs.THREADS)} and all(v > 0 for v in result["bandwidth_gbs"].values())
+    assert set(result["bandwidth_gbs"]) == {"1", str(bs.THREADS)}
+    assert all(gbs > 0 for gbs in result["bandwidth_gbs"].values())
     for threads in (1, 2):
         seen = []
 
@@ -127,7 +128,8 @@ def test_bandwidth_is_measured_per_thread_count(bench):
             return part.max()
 
         assert bs.read_bandwidth(threads, 2**22, 3, read=read) > 0
-        assert len({ident for ident, _ in seen}) == threads and len(seen) == 3 * threads  # each pass: one slice a thread
+        assert len({ident for ident, _ in seen}) == threads  # each pass: one slice per thread
+        assert len(seen) == 3 * threads
         assert sum(size for _, size in seen[:threads]) == 2**22 // 4  # the slices cover the array
 
 
@@ -161,9 +163,17 @@ def test_command_line_ends_with_one_json_line():
     assert "| stage1_zero+rerank k=10 " in proc.stdout and "building rows" in proc.stderr  # the table, the progress bar
 
 
-@pytest.mark.parametrize("args", [["--n", "15"], ["--n", "300", "--dim", "64", "--methods", "float", "--rescore-k", "5"],
-                                  ["--n", "300", "--methods", "float", "nope"], ["--n", "300", "--embeddings", "NPZ"],
-                                  ["--n", "300", "--rescore-k", "400"], ["--n", "abc"]])
+BAD_INPUT = {  # small runs: were a check gone, the run would be short and end with exit 0 or a traceback
+    "n": ["--n", "15"],
+    "depth": ["--n", "300", "--dim", "64", "--methods", "float", "--rescore-k", "5"],
+    "method": ["--n", "300", "--methods", "float", "nope"],
+    "npz": ["--n", "300", "--embeddings", "NPZ"],
+    "depth above n": ["--n", "300", "--dim", "64", "--methods", "float", "--rescore-k", "400"],
+    "not a number": ["--n", "abc"],
+}
+
+
+@pytest.mark.parametrize("args", BAD_INPUT.values(), ids=BAD_INPUT)
 def test_bad_input_is_one_error_line(args, tmp_path):
     np.savez(tmp_path / "emb.npz", x=np.ones((400, 384), np.float32))
     proc = bench_command(*[str(tmp_path / "emb.npz") if a == "NPZ" else a for a in args])
