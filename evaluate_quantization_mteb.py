@@ -31,7 +31,6 @@ from mteb_adapter import task_qrels, task_scores, task_texts
 OUTPUT_DIR = "results"  # results/<model-slug>/ (transfer), results/<model-slug>/in-domain/
 DEFAULT_METHODS = list(methods.METHODS)  # a method runs under the protocols its entry names (float_adapted: in-domain)
 ALL_MODES = ["exact", "sym", "asym", "hamming", "rerank", "rerank_int8", "qb0", "qb4"]
-RERANK_DEPTHS = (10, 20, 50, 100, 200)  # +rerank_int8 at each depth k: how deep must one re-rank?
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"extra search modes to run where a method has them (default: all; a method's first mode always "
                         f"runs): {', '.join(ALL_MODES)}")
     p.add_argument("--rescore-k", type=int, default=methods.RESCORE_K, help="first-stage candidates re-ranked (+rerank rows)")
-    p.add_argument("--rerank-depths", type=int, nargs="*", default=list(RERANK_DEPTHS),
+    p.add_argument("--rerank-depths", type=int, nargs="*", default=list(methods.RERANK_DEPTHS),
                    help="extra +rerank_int8 rows at these depths k, for the depth table (none: no extra rows)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--cache-dir", type=Path, default=Path(CACHE_DIR), help="float embedding cache (one pass per text and prompt)")

@@ -46,6 +46,7 @@ import numpy as np
 from data import UsageError
 
 RESCORE_K = 50  # first-stage candidates re-ranked in the +rerank rows
+RERANK_DEPTHS = (10, 20, 50, 100, 200)  # the depths the evaluation's depth table and bench_search.py try
 KEEPS_FLOAT = {"rerank"}  # modes that keep the float documents beside the codes
 SEARCH = ("hamming", "asym", "rerank", "rerank_int8")  # the modes of bit codes, the first their own search
 LSH_SEED = 0

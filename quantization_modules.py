@@ -42,7 +42,7 @@ from mteb_adapter import ndcg_at_10, task_prompt
 # ---------------------------------------------------------------------------------------------------------------
 # defaults (override on the command line)
 EPOCHS = 10
-BATCH_SIZE = 512
+TRAIN_BATCH_SIZE = 512  # embeddings per training step (encoding batches: encoders.BATCH_SIZE)
 LR = 1e-3  # each registry entry may set its own (Entry.lr)
 TEMPERATURE = 10.0  # sigmoid sharpness; MiniLM dimensions have a spread of about 0.05
 ACTIVATIONS = ["sigmoid", "ste", "anneal"]  # ste: hard bits forward, sigmoid gradient backward
@@ -192,7 +192,7 @@ def train_quantizer(
     embeddings: np.ndarray | torch.Tensor,
     pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     epochs: int = EPOCHS,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int = TRAIN_BATCH_SIZE,
     lr: float = LR,
     seed: int = SEED,
     activation: str = ACTIVATION,
@@ -317,7 +317,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--contrastive-weight", type=float, help="default per method, as --sim-weight")
     p.add_argument("--random-inits", type=int, default=RANDOM_INITS)
     p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    p.add_argument("--batch-size", type=int, default=TRAIN_BATCH_SIZE)
     p.add_argument("--lr", type=float, help=f"default per method: the registry's lr ({LR} unless it says)")
     p.add_argument("--temperature", type=float, default=TEMPERATURE)
     p.add_argument("--seed", type=int, default=SEED)

@@ -48,7 +48,7 @@ def expected_rows(protocol: str = "transfer") -> list[str]:
             for row, mode in methods.rows_of(name, DIM).items():
                 rows.append(row)
                 if mode == "rerank_int8":
-                    rows += [f"{row}@{k}" for k in ev.RERANK_DEPTHS if k != methods.RESCORE_K]
+                    rows += [f"{row}@{k}" for k in methods.RERANK_DEPTHS if k != methods.RESCORE_K]
     return rows
 
 
