@@ -483,8 +483,6 @@ def test_too_few_fitting_texts_for_a_codebook_is_one_line_and_the_other_methods_
     assert written == ["int8.safetensors"] and "wrote 1 checkpoints" in out
 
 
-@pytest.mark.xfail(strict=True, reason="faiss's OPQ training aborts the process when given fewer points than dimensions, "
-                                       "and methods.FaissCodes.fit does not refuse it first (reported)")
 def test_fewer_fitting_texts_than_dimensions_for_opq_is_one_line_not_a_crash(tiny_training, train_data, tmp_path):
     """opq1b at d = 384 on 299 texts: PQ48's 256 centroids can be fitted, OPQ's rotation cannot (faiss aborts the
     process below d points). The command must say so in one line, as for a codebook, and write int8's checkpoint; it
@@ -498,7 +496,7 @@ def test_fewer_fitting_texts_than_dimensions_for_opq_is_one_line_not_a_crash(tin
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-500:]
     assert [line for line in result.stdout.splitlines() if line.startswith("opq1b")] == [
-        "opq1b: skipped, cannot be fitted on 299 texts (OPQ needs at least as many fitting texts as dimensions (384))"]
+        "opq1b: skipped, cannot be fitted on 299 texts (OPQ needs at least 384 fitting texts, one per dimension)"]
     assert sorted(p.name for p in (tmp_path / "ck").rglob("*.safetensors")) == ["int8.safetensors"]
 
 
