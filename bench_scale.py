@@ -10,13 +10,16 @@ on it in a process of its own, so each size's peak memory is its own; it finds e
 model. The vectors are unit vectors clustered around seeded centres, and each query lies near its relevant documents.
 
 Per row: mteb's evaluation_time and phases (index = the row's store built from the float documents, search = the
-queries searched, scoring = mteb's metrics), from the JSON mteb writes per row. A row's time is fitted as
-a + b * documents; its index part is projected by documents, the rest by documents and queries (search scans every
-document once per query). The last line of stdout is JSON.
+queries searched, scoring = mteb's metrics), from the JSON mteb writes per row, and the process's CPU seconds while
+the row ran (on a machine shared with other jobs, wall time says how busy the machine was as much as what the row
+costs; CPU time much less so). A row's time is fitted as a + b * documents; its index part is projected by
+documents, the rest by documents and queries (search scans every document once per query). The last line of stdout
+is JSON; `--report` prints the report again from it.
 
     python bench_scale.py                                 # 100k, 300k, 1M documents, 300 queries
     python bench_scale.py --sizes 100000 300000           # quicker: slopes without the 1M check
-    python bench_scale.py --methods float stage1_zero --modes
+    python bench_scale.py --methods float stage1_zero --modes        # each method's own search only
+    python bench_scale.py --report out.txt                # the report again from a run's output
 """
 
 import argparse

@@ -579,8 +579,12 @@ class ThresholdCodes(Float):
 
 
 def levels_of(v: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """How many of each dimension's (sorted) thresholds each value is strictly above: (n, dims) uint8."""
-    return np.stack([np.searchsorted(t, v[:, j], side="left") for j, t in enumerate(thresholds)], axis=1).astype(np.uint8)
+    """How many of each dimension's (sorted) thresholds each value is strictly above: (n, dims) uint8, filled a column
+    at a time (no int64 temporaries: at 1M documents they were 4x the float matrix)."""
+    levels = np.empty(v.shape, np.uint8)
+    for j, t in enumerate(thresholds):
+        levels[:, j] = np.searchsorted(t, v[:, j], side="left")
+    return levels
 
 
 def lloyd_max(v: np.ndarray, levels: int, iterations: int = 30) -> np.ndarray:
