@@ -71,9 +71,10 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def divisor(d: int, target: int) -> int:
-    """The divisor of d closest to `target` (the smaller on a tie): PQ's sub-quantiser count at any dimension."""
-    return min((m for m in range(1, d + 1) if d % m == 0), key=lambda m: (abs(m - target), m))
+def divisor(d: int, target: int, step: int = 1) -> int:
+    """The divisor of d closest to `target` among multiples of `step` (the smaller on a tie): PQ's sub-quantiser count
+    at any dimension; 0 when there is none (the method then does not apply)."""
+    return min((m for m in range(step, d + 1, step) if d % m == 0), key=lambda m: (abs(m - target), m), default=0)
 
 
 def pack_bits(bits: np.ndarray) -> np.ndarray:
@@ -306,7 +307,7 @@ class FaissCodes(Float):
 
     @staticmethod
     def applies(d: int, spec: str, code_bytes: int, kind: str, modes: dict) -> str | None:
-        return None
+        return None if code_bytes > 0 else f"no sub-quantiser count of {spec} divides {d}"
 
     def fit(self, x: np.ndarray) -> None:
         if self.spec.startswith("OPQ") and len(x) < self.dim:  # faiss 1.15 crashes the process (seen at d = 1,024)
@@ -665,8 +666,8 @@ METHODS = {  # name -> declaration; the report's order within equal bytes
     "pq2b": Entry(FaissCodes, lambda d: faiss_codes(f"PQ{divisor(d, d // 4)}np", divisor(d, d // 4), "pq"), "texts"),
     "opq2b": Entry(FaissCodes, lambda d: faiss_codes(f"OPQ{divisor(d, d // 4)},PQ{divisor(d, d // 4)}np",
                                                      divisor(d, d // 4), "pq"), "texts"),
-    "pq2b_fastscan": Entry(FaissCodes, lambda d: faiss_codes(f"PQ{divisor(d, d // 2) // 2 * 2}x4fs",
-                                                             divisor(d, d // 2) // 2, "pq"), "texts"),  # 4-bit codes
+    "pq2b_fastscan": Entry(FaissCodes, lambda d: faiss_codes(f"PQ{divisor(d, d // 2, 2)}x4fs",
+                                                             divisor(d, d // 2, 2) // 2, "pq"), "texts"),  # 4-bit codes
     "sq2b": Entry(FaissCodes, lambda d: faiss_codes("SQtqmse2", -(-d // 4), "scalar", SYM_ASYM), "texts"),
     # RaBitQ: 1 bit per dimension plus 8 bytes of factors; more bits per dimension plus 20 bytes
     "rabitq": Entry(FaissCodes, lambda d: faiss_codes("RaBitQ", -(-d // 8) + 8, "rabitq", RABITQ), "texts"),

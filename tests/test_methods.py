@@ -543,3 +543,16 @@ def test_a_registry_line_is_all_a_new_method_needs(tmp_path, tiny_beir, train_da
     assert bytes_per_vector["pq32"] == faiss.index_factory(384, f"PQ{m}np", faiss.METRIC_INNER_PRODUCT).sa_code_size()
     assert bytes_per_vector["float"] == 4 * 384
     assert 0 < table[(table.metric == "ndcg_at_10") & (table.method == "pq32")].value.item() <= 1
+
+
+@pytest.mark.parametrize("d", [30, 385, 390])
+def test_every_method_that_says_it_applies_builds_and_the_others_say_why(d):
+    """applies() is the truth: a method it lets through is built without faiss refusing it (PQ sub-quantiser counts
+    that divide d), and one it refuses names the reason (385 is odd: no even count for 4-bit fast scan)."""
+    for name in methods.METHODS:
+        reason = methods.applies(name, d)
+        if reason is None:
+            methods.make_method(name, d)
+        else:
+            assert str(d) in reason or "divisible" in reason, (name, reason)
+    assert methods.applies("pq2b_fastscan", 385) is not None
