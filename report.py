@@ -9,13 +9,21 @@ The evaluation calls this once it has run every row:
 `rows` is long form (task, split, method, metric, value): `method` is a row name such as "stage1_zero+asym", and the
 metrics include ndcg_at_10 and bytes_per_vector. `per_query` maps (task, split, row) to that row's nDCG@10 per query,
 indexed by query id. `info` maps each row name to {"method", "family", "mode", "learned", "keeps_float", "describe"}.
+The evaluation also writes `per_query` beside latest.csv (`per_query_csv`), so that models can be compared later:
+
+    python report.py --compare results/<model A> results/<model B>   # writes results/cross-model.md
+    python report.py README.md docs/*.md                              # refreshes their tables from the results files
 """
 
+import gzip
 import io
 import itertools
+import os
 import re
 import sys
 from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib
 
@@ -25,7 +33,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from data import SEED  # noqa: E402
+import methods  # noqa: E402
+from data import PROTOCOLS, SEED, UsageError, write_atomic  # noqa: E402
 
 RESAMPLES = 10_000  # paired randomisation test and bootstrap interval over per-query nDCG@10
 ALPHA = 0.05
@@ -34,7 +43,9 @@ BUDGETS = (36, 48, 64, 80, 96, 128, 192, 384)  # bytes per vector
 DEPTH_TARGET = 0.99  # the retention the depth table asks for
 FAMILY_COLOURS = {"float": "black", "cast": "tab:gray", "scalar": "tab:blue", "pca": "tab:green", "binary": "tab:red",
                   "pq": "tab:purple", "rabitq": "tab:orange", "multi-level": "tab:brown"}  # another family gets the next free colour
-MODE_MARKERS = {"exact": "o", "hamming": "s", "asym": "^", "sym": "v", "rerank": "D", "rerank_int8": "d", "qb4": "P"}
+CROSS_MODEL = "cross-model.md"  # written beside the results folders it compares
+PER_QUERY = "per_query.csv.gz"  # per-query nDCG@10 of every row, beside latest.csv (gzip: 5 MB of text)
+MODE_MARKERS = {"exact": "o", "hamming": "s", "asym": "^", "sym": "v", "rerank": "D", "rerank_int8": "d", "qb4": "P", "qb8": "X"}
 
 
 def paired_test(a: np.ndarray, b: np.ndarray, seed: int = SEED) -> tuple[float, float, float, float]:
@@ -445,9 +456,275 @@ def copy_sections(document: str) -> str:
     return re.sub(r"<!-- from (\S+): (.+?) -->.*?<!-- end -->", table, document, flags=re.S)
 
 
-if __name__ == "__main__":  # python report.py README.md docs/findings.md: refresh their tables from the results files
-    for name in sys.argv[1:]:
+# ---------------------------------------------------------------------------------------------------------------
+# the cross-model report: several models' results folders side by side
+
+
+def per_query_csv(per_query: dict[tuple[str, str, str], pd.Series]) -> bytes:
+    """`per_query` as long-form CSV (task, split, method, query_id, ndcg_at_10), at full precision so a paired test
+    read back from it is the one the run made."""
+    frames = [pd.DataFrame({"task": task, "split": split, "method": row, "query_id": scores.index.astype(str),
+                            "ndcg_at_10": scores.to_numpy(dtype=float)}) for (task, split, row), scores in per_query.items()]
+    columns = ["task", "split", "method", "query_id", "ndcg_at_10"]
+    text = pd.concat(frames).to_csv(index=False) if frames else ",".join(columns) + "\n"
+    return gzip.compress(text.encode(), mtime=0)  # mtime 0: the same scores give the same bytes
+
+
+def read_per_query(path: Path) -> dict[tuple[str, str, str], pd.Series]:
+    """A `per_query_csv` file back as (task, split, row) -> nDCG@10 per query, indexed by query id.
+
+    Raises:
+        UsageError: If the file is not such a CSV.
+    """
+    try:
+        frame = pd.read_csv(path, dtype={"task": str, "split": str, "method": str, "query_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"{path} is not a per-query CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    missing = {"task", "split", "method", "query_id", "ndcg_at_10"} - set(frame.columns)
+    if missing:
+        raise UsageError(f"{path} has no column {', '.join(sorted(missing))}; is it the evaluation's {PER_QUERY}?")
+    return {key: group.set_index("query_id").ndcg_at_10.rename(None)
+            for key, group in frame.groupby(["task", "split", "method"], sort=False)}
+
+
+def row_info(name: str, mode: str, dim: int) -> dict:
+    """What the report needs to know of a row of method `name` in `mode` at dimension `dim`, from the registry."""
+    return dict(method=name, family=methods.family_of(name, dim), mode=mode, learned=methods.entry(name).learned,
+                keeps_float=mode in methods.KEEPS_FLOAT, bytes=methods.row_bytes(name, dim, mode),
+                describe=methods.describe(name, dim), bits_per_dimension=methods.bits_per_dimension(name, dim))
+
+
+def registry_info(row_names, dim: int) -> tuple[dict[str, dict], list[str]]:
+    """`info` for each row name the registry has at dimension `dim` (method, family, mode, learned, keeps_float,
+    bits_per_dimension, as the evaluation builds it; a depth row "<row>@k" also has depth and extra), and the names it
+    does not have (rows of an older registry)."""
+    known = {row: (name, mode) for name in methods.METHODS if methods.applies(name, dim) is None
+             for row, mode in methods.rows_of(name, dim).items()}
+    info, unknown = {}, []
+    for row in dict.fromkeys(row_names):
+        base, at, depth = row.partition("@")
+        if base not in known or (at and not depth.isdigit()):
+            unknown.append(row)
+            continue
+        info[row] = row_info(*known[base], dim)
+        if at:
+            info[row] |= dict(depth=int(depth), extra=True)
+    return info, unknown
+
+
+@dataclass
+class ModelResults:
+    """One results folder as the cross-model report reads it. `table`: `summarise` of its rows (depth rows left out);
+    `per_query`: empty when the folder has no per_query.csv.gz; `unknown`: rows the registry no longer has."""
+
+    folder: Path
+    label: str
+    dim: int
+    rows: pd.DataFrame
+    info: dict
+    table: pd.DataFrame
+    per_query: dict
+    unknown: list
+
+
+def model_label(folder: Path) -> str:
+    """"all-MiniLM-L6-v2" for results/sentence-transformers__all-MiniLM-L6-v2, "… in-domain" for its in-domain/."""
+    name, protocol = (folder.parent.name, folder.name) if folder.name in PROTOCOLS else (folder.name, "transfer")
+    return name.split("__")[-1] + ("" if protocol == "transfer" else f" {protocol}")
+
+
+def check_per_query(per_query: dict, rows: pd.DataFrame, path: Path) -> None:
+    """Raise UsageError unless every row's per-query nDCG@10 averages to its nDCG@10 in latest.csv (one run wrote both)."""
+    ndcg = rows[rows.metric == "ndcg_at_10"].set_index(["task", "split", "method"]).value
+    for key, scores in per_query.items():
+        if key not in ndcg.index or abs(scores.mean() - ndcg[key]) > 1e-4:
+            held = f"{ndcg[key]:.4f}" if key in ndcg.index else "no such row"
+            raise UsageError(f"{path} is not from the run of latest.csv ({' '.join(key)}: mean nDCG@10 {scores.mean():.4f}, "
+                             f"latest.csv {held}); rerun the evaluation")
+
+
+def read_results(folder: Path) -> ModelResults:
+    """A results folder written by the evaluation: latest.csv, per_query.csv.gz when there, and each row's info from the
+    registry at the model's dimension (the float row's bytes / 4).
+
+    Raises:
+        UsageError: If the folder, its latest.csv or what the report needs from it (nDCG@10, bytes, retention, a
+            float row) is missing, or per_query.csv.gz does not match latest.csv.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder")
+    if not (folder / "latest.csv").is_file():
+        raise UsageError(f"{folder} has no latest.csv (the evaluation writes it: evaluate_quantization_mteb.py --output {folder})")
+    try:
+        rows = pd.read_csv(folder / "latest.csv", dtype={"task": str, "split": str, "method": str, "metric": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UsageError(f"{folder / 'latest.csv'} is not a results CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    missing = {"task", "split", "method", "metric", "value"} - set(rows.columns)
+    missing = missing or {"ndcg_at_10", "bytes_per_vector", "retention"} - set(rows.metric)
+    missing = missing or (set() if pd.api.types.is_numeric_dtype(rows.value) else {"numeric values"})
+    if missing:
+        raise UsageError(f"{folder / 'latest.csv'} has no {', '.join(sorted(missing))}; is it the evaluation's latest.csv?")
+    float_bytes = rows[(rows.method == "float") & (rows.metric == "bytes_per_vector")].value
+    if float_bytes.empty:
+        raise UsageError(f"{folder / 'latest.csv'} has no float row (its bytes give the model's dimension)")
+    dim = int(float_bytes.iloc[0]) // 4
+    info, unknown = registry_info(rows.method, dim)
+    rows = rows[rows.method.isin(info)]
+    per_query = read_per_query(folder / PER_QUERY) if (folder / PER_QUERY).is_file() else {}
+    per_query = {key: scores for key, scores in per_query.items() if key[2] in info}
+    check_per_query(per_query, rows, folder / PER_QUERY)
+    table = summarise(rows[~rows.method.map(lambda r: info[r].get("extra", False))], info)
+    return ModelResults(folder, model_label(folder), dim, rows, info, table, per_query, unknown)
+
+
+def searchable(model: ModelResults) -> pd.DataFrame:
+    """The model's summary rows that keep no float vectors: the candidates of the budget tables."""
+    return model.table[[not model.info[row]["keeps_float"] for row in model.table.index]]
+
+
+def best_per_budget(models: list[ModelResults], budgets=BUDGETS) -> dict[int, list[str | None]]:
+    """Budget -> each model's best row within it (`best_within` over `searchable` rows), None where nothing fits."""
+    return {budget: [best_within(searchable(model), budget) for model in models] for budget in budgets}
+
+
+def budget_lines(models: list[ModelResults], winners: dict[int, list[str | None]]) -> list[str]:
+    """Markdown lines: per budget, each model's best row, its bytes and mean retention, and whether the models agree."""
+    out = []
+    for budget, best in winners.items():
+        entry = {"budget": f"{budget:,} B"}
+        for model, row in zip(models, best):
+            entry[f"{model.label}: best row"] = row or "nothing fits"
+            entry[f"{model.label}: bytes"] = "" if row is None else f"{model.table.bytes[row]:,.0f}"
+            entry[f"{model.label}: retention"] = "" if row is None else format_cell(model.table.retention[row], ".1%")
+        entry["same row"] = "—" if None in best else "yes" if len(set(best)) == 1 else "no"
+        out.append(entry)
+    return ["### Best row per budget, by model", "",
+            "best row: highest mean nDCG@10 over the model's tasks with bytes ≤ budget, among rows that keep no float "
+            "vectors (as in each model's own budget table); retention: mean over tasks; same row: every model's best is "
+            "the same row (— where one has nothing that fits).", "",
+            pd.DataFrame(out).to_markdown(index=False, disable_numparse=True), ""]
+
+
+def family_lines(models: list[ModelResults]) -> list[str]:
+    """Markdown lines: every row all models ran (depth rows aside), by family then the first model's bytes: its bits
+    per dimension, bytes and mean retention per model, and each other model's retention minus the first's."""
+    first, order = models[0], list(FAMILY_COLOURS)
+    shared = [row for row in first.table.index if all(row in model.table.index for model in models[1:])]
+    shared.sort(key=lambda row: order.index(first.info[row]["family"]) if first.info[row]["family"] in order else len(order))
+    out = []
+    for row in shared:
+        bits = dict.fromkeys(format_cell(model.info[row]["bits_per_dimension"], ".3g") for model in models)
+        entry = {"family": first.info[row]["family"], "row": row, "bits/dim": " / ".join(bits)}
+        entry |= {f"bytes {model.label}": f"{model.table.bytes[row]:,.0f}" for model in models}
+        entry |= {f"retention {model.label}": format_cell(model.table.retention[row], ".1%") for model in models}
+        for model in models[1:]:
+            delta = model.table.retention[row] - first.table.retention[row]
+            entry[f"Δ {model.label} − {first.label}"] = "" if pd.isna(delta) else f"{100 * delta:+.1f} pt"
+        out.append(entry)
+    if not out:
+        return ["### Retention by family, by model", "", "No row was run for every model.", ""]
+    return ["### Retention by family, by model", "",
+            "Rows every model ran, by family, then by bytes at the first model's dimension. bits/dim: of the code (one "
+            "value per model where they differ); bytes are at each model's own dimension, so a 768-d model's row stores "
+            "twice a 384-d model's; retention: mean over tasks; Δ in percentage points.", "",
+            pd.DataFrame(out).to_markdown(index=False, disable_numparse=True), ""]
+
+
+def paired_cell(model: ModelResults, label: str, row: str, other: str) -> str:
+    """Δ (row − other) and p of `paired_test` on one task of one model, as the budget tables write it, or why not."""
+    key = {lab: key for key, lab in column_labels(model.rows).items()}.get(label)
+    absent = [r for r in (row, other) if r not in model.table.index]
+    if key is None:
+        return "—"  # the model was not run on this task
+    if absent:
+        return f"{absent[0]} not run"
+    if (*key, row) not in model.per_query or (*key, other) not in model.per_query:
+        return "no per-query scores"
+    delta, _, _, p = paired_test(*aligned(model.per_query, *key, row, other))
+    return f"{delta:+.4f} ({format_p(p)})" + ("*" if p < ALPHA else "")
+
+
+def difference_lines(models: list[ModelResults], winners: dict[int, list[str | None]]) -> list[str]:
+    """Markdown lines: for each budget where the models' best rows differ, each pair of those rows (X, Y) tested
+    within every model, per task (`paired_test` on per-query nDCG@10)."""
+    labels = list(dict.fromkeys(label for model in models for label in column_labels(model.rows).values()))
+    out = []
+    for budget, best in winners.items():
+        if None in best or len(set(best)) == 1:
+            continue
+        best_for = {row: ", ".join(m.label for m, b in zip(models, best) if b == row) for row in best}
+        for x, y in itertools.combinations(dict.fromkeys(best), 2):
+            for model in models:
+                nbytes = [f"{model.table.bytes[r]:,.0f}" if r in model.table.index else "—" for r in (x, y)]
+                entry = {"budget": f"{budget:,} B", "X (best for)": f"{x} ({best_for[x]})",
+                         "Y (best for)": f"{y} ({best_for[y]})", "in model": model.label, "bytes X / Y": " / ".join(nbytes)}
+                entry |= {f"Δ {label} (p)": paired_cell(model, label, x, y) for label in labels}
+                out.append(entry)
+    table = pd.DataFrame(out) if out else pd.DataFrame([{"budget": "every budget", "X (best for)": "the same best row in every model"}])
+    return ["### Where the models' best rows differ", "",
+            "For each budget where the models' best rows differ: X against Y within each model, Δ = X − Y nDCG@10 per "
+            f"task (paired randomisation test on per-query nDCG@10, {RESAMPLES:,} resamples; * p < {ALPHA}). bytes: at "
+            "that model's dimension; a row that does not fit a model's budget there can still be tested.", "",
+            table.to_markdown(index=False, disable_numparse=True), ""]
+
+
+def cross_model_report(models: list[ModelResults], budgets=BUDGETS) -> str:
+    """Markdown: the best row per budget side by side, every shared row's retention per model, and paired tests
+    within each model where the models' best rows differ."""
+    described = []
+    for model in models:
+        tasks = ", ".join(column_labels(model.rows).values())
+        protocol = ", ".join(dict.fromkeys(model.rows.protocol)) if "protocol" in model.rows else "?"
+        notes = [] if model.per_query else [f"no {PER_QUERY}: no paired tests"]
+        notes += [f"left out, not in the registry: {', '.join(model.unknown)}"] if model.unknown else []
+        described.append(f"{model.label} (d = {model.dim}; {tasks}; protocol {protocol}{'; ' if notes else ''}{'; '.join(notes)})")
+    winners = best_per_budget(models, budgets)
+    lines = ["## Compression across models: " + " vs ".join(model.label for model in models), "",
+             "From " + "; ".join(f"{model.folder}/latest.csv" for model in models) + ". " + "; ".join(described) + ".", ""]
+    return "\n".join(lines + budget_lines(models, winners) + family_lines(models) + difference_lines(models, winners))
+
+
+def write_cross_model(folders: list[str], budgets=BUDGETS) -> Path:
+    """Read each results folder, write the cross-model report to `CROSS_MODEL` in the folder that holds them all, and
+    return its path.
+
+    Raises:
+        UsageError: If fewer than two folders are given, one is given twice, or one cannot be read (`read_results`).
+    """
+    if len(folders) < 2:
+        raise UsageError(f"--compare needs at least two results folders (results/<model-slug>), got {len(folders)}")
+    paths = [Path(folder).absolute() for folder in folders]
+    if len(set(paths)) < len(paths):
+        raise UsageError(f"a results folder is given twice: {', '.join(folders)}")
+    models = [read_results(Path(folder)) for folder in folders]
+    labels = [model.label for model in models]
+    for model in models:
+        if labels.count(model.label) > 1:  # e.g. two copies of one model's results: name them by their folders
+            model.label = str(model.folder)
+    path = Path(os.path.commonpath([p.parent for p in paths])) / CROSS_MODEL
+    write_atomic(path, cross_model_report(models, budgets) + "\n")
+    return path
+
+
+def main(argv: list[str]) -> None:
+    """`--compare <folder> <folder> ...`: write the cross-model report; otherwise each argument is a markdown file
+    whose `<!-- from ... -->` tables are refreshed from the results files. Bad input: one error line, exit 1."""
+    if argv[:1] == ["--compare"]:
+        try:
+            path = write_cross_model(argv[1:])
+        except UsageError as e:
+            sys.exit(f"error: {e}")
+        print(f"wrote {os.path.relpath(path)}")
+        return
+    if "--compare" in argv:
+        sys.exit("error: --compare comes first: python report.py --compare results/<model A> results/<model B>")
+    for name in argv:
         with open(name) as f:
             updated = copy_sections(f.read())
         with open(name, "w") as f:
             f.write(updated)
+
+
+if __name__ == "__main__":  # python report.py README.md docs/findings.md | python report.py --compare results/a results/b
+    main(sys.argv[1:])

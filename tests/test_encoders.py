@@ -50,7 +50,7 @@ def test_without_the_parts_the_name_goes_to_sentence_transformers(tmp_path, monk
 
     monkeypatch.setattr(encoders, "MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setattr(encoders, "distribution", missing)
-    assert encoders.resolve_model("all-mpnet-base-v2") == "all-mpnet-base-v2"
+    assert encoders.resolve_model("all-mpnet-base-v2") == "sentence-transformers/all-mpnet-base-v2"  # its hub name
     assert encoders.resolve_model("some/other-model") == "some/other-model"
     assert Path(encoders.resolve_model(encoders.DEFAULT_MODEL), "modules.json").is_file()  # the packaged MiniLM
 
@@ -74,3 +74,16 @@ def test_the_prompt_applied_is_sentence_transformers_choice(prompts, default, ki
         model.prompts, model.default_prompt_name = prompts, default
         name = kind if kind in prompts else None
         assert (model._resolve_prompt(None, name) or "") == applied
+
+
+def test_a_short_name_and_its_hub_name_find_the_same_cache_checkpoints_and_results():
+    import evaluate_quantization_mteb
+    import quantization_modules
+
+    for short, hub in [("all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"), ("all-MiniLM-L6-v2", encoders.DEFAULT_MODEL)]:
+        assert encoders.canonical_name(short) == encoders.canonical_name(hub) == hub
+    default = evaluate_quantization_mteb.parse_args(["--tasks", "SciFact"])
+    short = evaluate_quantization_mteb.parse_args(["--tasks", "SciFact", "--model", "all-MiniLM-L6-v2"])
+    assert short.model == default.model and short.output == default.output
+    assert quantization_modules.parse_args(["--model", "all-MiniLM-L6-v2"]).model == encoders.DEFAULT_MODEL
+    assert encoders.canonical_name("/some/folder/model") == "/some/folder/model"

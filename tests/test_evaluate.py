@@ -239,7 +239,7 @@ BAD_CHECKPOINTS = {  # what is wrong: (method, change to its arrays and metadata
     "NaN threshold": ("stage1_trained", set_tensor("thresholds", with_value(np.nan, 5)),
                       ["stage1_trained.safetensors", "'thresholds' holds 1 non-finite values"]),
     "Inf thresholds": ("stage2_trained", set_tensor("thresholds", with_value(np.inf, slice(0, 3))),
-                       ["stage2_trained.safetensors", "'thresholds' holds 3 non-finite values"]),
+                       ["stage2_trained.safetensors: thresholds holds 3 non-finite values"]),
     "NaN rotation": ("stage1_rotated", set_tensor("rotation", with_value(np.nan, 0)),
                      ["stage1_rotated.safetensors", "'rotation' holds 384 non-finite values"]),
     "all-zero rotation": ("stage1_rotated", set_tensor("rotation", lambda t, _: np.zeros_like(t)),
@@ -425,3 +425,9 @@ def test_every_row_ranks_the_tiny_set_without_shared_data(tmp_path, tiny_beir):
         assert value > 0.8, row
         if "+rerank" in row:
             assert value == 1.0, row
+
+
+def test_time_per_row_is_per_task_and_names_the_slow_rows():
+    section = ev.timing_section({"float": 1.0, "rabitq": 5.0, "pq1b": 4.2}, n_tasks=2)
+    assert "10.2 s over 3 rows and 2 tasks: 1.70 s per row and task on average" in section
+    assert section.endswith("over 2 s per task: rabitq 2.5 s, pq1b 2.1 s.")

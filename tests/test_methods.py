@@ -30,7 +30,8 @@ from encoders import DEFAULT_MODEL
 
 pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
-N_FIT, N_DOCS, N_QUERIES = 600, 224, 5  # 224 documents: whole 32-vector blocks, so fast-scan's padded array is its codes
+N_FIT, N_DOCS, N_QUERIES = 1100, 224, 5  # 1,100: 10-bit PQ fits 1,024 centroids; 224 documents: whole 32-vector
+# blocks, so fast-scan's padded array is its codes
 DIMS = (64, 256)
 
 
@@ -150,12 +151,14 @@ def threshold_levels(method, x: np.ndarray) -> np.ndarray:
 
 
 def threshold_bits(method, x: np.ndarray, pairs: bool) -> np.ndarray:
-    """Thermometer bits (level l of k: l ones, then zeros); Stage 2: the second half's pairs OR-ed into one bit."""
+    """Thermometer bits (level l of k: l ones, then k - 1 - l zeros, k - 1 the dimension's finite thresholds: a
+    hybrid's dimensions differ); Stage 2: the second half's pairs OR-ed into one bit."""
     levels = threshold_levels(method, x)
     if pairs:
         half, on = levels.shape[1] // 2, levels > 0
         return np.concatenate([on[:, :half], on[:, half::2] | on[:, half + 1 :: 2]], axis=1)
-    return (levels[:, :, None] > np.arange(method.state()["thresholds"].shape[1])).reshape(len(x), -1)
+    widths = np.isfinite(method.state()["thresholds"]).sum(axis=1)
+    return np.concatenate([levels[:, [j]] > np.arange(w) for j, w in enumerate(widths)], axis=1)
 
 
 def hamming_distances(query_bits: np.ndarray, doc_bits: np.ndarray) -> np.ndarray:
@@ -462,6 +465,12 @@ def with_nan(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def with_value_at(array: np.ndarray, where: tuple, value: float) -> np.ndarray:
+    array = array.copy()
+    array[where] = value
+    return array
+
+
 def test_load_state_refuses_what_cannot_be_the_method(tmp_path):
     d, data = 64, vectors(64)
     load = lambda name: lambda: load_method(name, d, DEFAULT_MODEL, tmp_path, "transfer")  # noqa: E731
@@ -476,6 +485,14 @@ def test_load_state_refuses_what_cannot_be_the_method(tmp_path):
     for key in ("thresholds", "recon"):
         bad, method = state | {key: with_nan(state[key])}, methods.make_method("quantile2b", d)
         assert f"{key} holds 1 non-finite values" in refusal(path, lambda: method.load_state(bad, path))  # noqa: B023
+
+    state = fitted("hybrid1.25b", d).state()  # a hybrid: +inf where a dimension has fewer levels, finite elsewhere
+    assert np.isinf(state["thresholds"]).any()
+    unused = np.argwhere(np.isinf(state["thresholds"]))[0]
+    path = write(tmp_path, "hybrid1.25b", d, state | {"thresholds": with_value_at(state["thresholds"], tuple(unused), 0.5)})
+    assert "is not +inf" in refusal(path, load("hybrid1.25b"))
+    path = write(tmp_path, "hybrid1.25b", d, state | {"thresholds": with_value_at(state["thresholds"], (0, 0), np.inf)})
+    assert "thresholds holds 1 non-finite values" in refusal(path, load("hybrid1.25b"))
 
     state = fitted("stage1_rotated", d).state()
     path = write(tmp_path, "stage1_rotated", d, state | {"rotation": 1.5 * state["rotation"]})
