@@ -211,19 +211,27 @@ def query_bytes(name: str, d: int, mode: str, n: int, k: int | None) -> int:
     return n * (row - store) + min(k, n) * store
 
 
-def build_rows(rows: list[dict], docs: np.ndarray, seed: int) -> None:
+def build_rows(rows: list[dict], docs: np.ndarray, seed: int, skipped: dict[str, str]) -> list[dict]:
     """Fit each method (once) and build each row through MethodIndex.add_documents; the depths of a re-ranking row
-    share one build. Adds per row: index, bytes, reads, fit_s (its method's), build_s."""
+    share one build. Adds per row: index, bytes, reads, fit_s (its method's), build_s. A method that cannot be fitted
+    on the sample (e.g. more centroids than documents) is one line and joins `skipped`. Returns the rows built."""
     n, d = docs.shape
     sample = docs[np.sort(np.random.default_rng(seed).choice(n, min(TRAIN, n), replace=False))]
-    fits, builds, rescorer = {}, {}, None
+    fits, builds, rescorer, built = {}, {}, None, []
     bar = tqdm(rows, desc="building rows", unit=" rows", file=sys.stderr)
     for row in bar:
         name, mode = row["method"], row["mode"]
         bar.set_postfix_str(row["row"])
+        if name in skipped:
+            continue
         if name not in fits:
             start = time.perf_counter()
-            fits[name] = (fitted(name, d, sample), time.perf_counter() - start)
+            try:
+                fits[name] = (fitted(name, d, sample), time.perf_counter() - start)
+            except RuntimeError as e:  # faiss: as the training command says it
+                skipped[name] = f"cannot be fitted on {len(sample):,} documents ({str(e).splitlines()[0].split('failed: ')[-1]})"
+                tqdm.write(f"{name}: skipped, {skipped[name]}")
+                continue
         if mode == "rerank_int8" and rescorer is None:
             rescorer = SharedCodes(fitted("int8", d, sample), docs)
         if (name, mode) not in builds:
@@ -236,6 +244,8 @@ def build_rows(rows: list[dict], docs: np.ndarray, seed: int) -> None:
         index.rescore_k = row["k"] or methods.RESCORE_K
         row |= dict(index=index, bytes=methods.row_bytes(name, d, mode), reads=query_bytes(name, d, mode, n, row["k"]),
                     fit_s=fits[name][1], build_s=builds[name, mode][1])
+        built.append(row)
+    return built
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,7 +412,7 @@ def run(args) -> tuple[dict, list[dict]]:
     thread_counts = list(dict.fromkeys([1, THREADS]))
     bandwidth = {t: read_bandwidth(t, BANDWIDTH_BYTES, BANDWIDTH_REPEATS) for t in thread_counts}  # before the data
     docs, queries = load_data(args.n, args.dim, max(args.queries, args.single), args.seed, args.embeddings)
-    build_rows(rows, docs, args.seed)
+    rows = build_rows(rows, docs, args.seed, skipped)
     time_rows(rows, queries, thread_counts, args.single, args.queries)
     data = f"embeddings {args.embeddings}" if args.embeddings else f"random unit vectors (seed {args.seed})"
     learned = [m for m in dict.fromkeys(r["method"] for r in rows) if methods.entry(m).fitted_on == "training"]

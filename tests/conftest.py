@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SHARED_BEIR = SHARED_DATA / "beir"
-FITTING_PAIRS = 300  # quora pairs: about 600 fitting texts, as PQ's 256 centroids per sub-quantiser need at least 256
+FITTING_PAIRS = 540  # quora pairs: 1,070 fitting texts, as 10-bit PQ's 1,024 centroids per sub-quantiser need 1,024
+FEW_PAIRS = 300  # 592 texts: fewer than 1,024 dimensions, so OPQ (minutes at d = 1,024) is refused in one line there
 
 import data  # noqa: E402
 import encoders  # noqa: E402
@@ -121,15 +122,25 @@ def embedding_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("embeddings")
 
 
-@pytest.fixture(scope="session")
-def train_data(tmp_path_factory) -> Path:
-    """A --train-data folder: pairs/quora.jsonl, the first FITTING_PAIRS pairs of the shared quora duplicates."""
+def first_pairs(folder: Path, n: int) -> Path:
+    """A --train-data folder: pairs/quora.jsonl, the first n pairs of the shared quora duplicates."""
     source = require(SHARED_DATA / "pairs" / "quora-duplicates.jsonl")
-    folder = tmp_path_factory.mktemp("train")
     (folder / "pairs").mkdir()
     with open(source) as f:
-        (folder / "pairs" / "quora.jsonl").write_text("".join(next(f) for _ in range(FITTING_PAIRS)))
+        (folder / "pairs" / "quora.jsonl").write_text("".join(next(f) for _ in range(n)))
     return folder
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory) -> Path:
+    """FITTING_PAIRS pairs: every method of the registry can be fitted on their texts at d = 384."""
+    return first_pairs(tmp_path_factory.mktemp("train"), FITTING_PAIRS)
+
+
+@pytest.fixture(scope="session")
+def few_train_data(tmp_path_factory) -> Path:
+    """FEW_PAIRS pairs (592 texts), for the projections to 256 and 1,024 dimensions."""
+    return first_pairs(tmp_path_factory.mktemp("train-few"), FEW_PAIRS)
 
 
 def slice_copy(scifact_slice: Path, folder: Path, duplicates: int = 0) -> tuple[Path, dict]:

@@ -19,7 +19,7 @@ import bench_search as bs
 import methods
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["--n", "1000", "--dim", "64", "--queries", "12", "--single", "2", "--rescore-k", "20", "10"]
+ARGS = ["--n", "1100", "--dim", "64", "--queries", "12", "--single", "2", "--rescore-k", "20", "10"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_json_keys_and_best_configurations(bench):
     args, result, _, _ = bench
     assert set(result) == {"n", "dim", "top", "queries", "train", "bandwidth_gbs", "reference", "skipped", "seconds",
                            "rows"}
-    assert (result["n"], result["dim"], result["reference"]) == (1000, 64, "float")
+    assert (result["n"], result["dim"], result["reference"]) == (1100, 64, "float")
     configs = {bs.config_name(t) for t in (1, bs.THREADS)}
     for name, row in result["rows"].items():
         assert set(row) == {"method", "mode", "rescore_k", "bytes", "reads", "floor_ms", "configs", "single_config",
@@ -155,10 +155,13 @@ def bench_command(*args):
 
 
 def test_command_line_ends_with_one_json_line():
-    proc = bench_command("--n", "1000", "--dim", "64", "--methods", "stage1_zero", "int8", "--rescore-k", "10", "50",
-                         "--queries", "10", "--single", "2")
+    proc = bench_command("--n", "1000", "--dim", "64", "--methods", "stage1_zero", "int8", "pq1.67b", "--rescore-k", "10",
+                         "50", "--queries", "10", "--single", "2")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # 1,024 centroids per sub-quantiser from 1,000 documents: one line, and the other rows are timed
+    assert "pq1.67b: skipped, cannot be fitted on 1,000 documents" in proc.stdout
+    assert result["skipped"]["pq1.67b"].startswith("cannot be fitted") and not any(r.startswith("pq1.67b") for r in result["rows"])
     assert {"float", "stage1_zero", "stage1_zero+rerank_int8 k=50", "int8+asym"} <= set(result["rows"])  # float: always
     assert "| stage1_zero+rerank k=10 " in proc.stdout and "building rows" in proc.stderr  # the table, the progress bar
 

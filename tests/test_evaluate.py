@@ -85,7 +85,7 @@ def test_retention_and_deltas_are_measured_against_mtebs_own_scores(evaluated):
         assert metric(rows, "delta_vs_stage1_zero")[row] == pytest.approx(score - scores["stage1_zero"], abs=2e-5), row
         low, high = metric(rows, "delta_vs_float_ci_low")[row], metric(rows, "delta_vs_float_ci_high")[row]
         assert low <= metric(rows, "delta_vs_float")[row] <= high, row
-    assert retention["stage1_zero"] < 0.95 and retention["pq0.5b"] < 0.9  # the slice separates the methods
+    assert retention["stage1_zero"] < 0.95 and retention["pq0.5b"] < 0.93  # the slice separates the methods
     # 60 queries: sign bits are significantly worse than float, re-ranking 50 candidates with float is not
     p = metric(rows, "p_vs_float")
     assert p["stage1_zero"] < 0.01 and p["stage1_zero+rerank"] > 0.05

@@ -56,7 +56,7 @@ def skipped_lines(stdout: str) -> dict[str, list[str]]:
     return found
 
 
-def test_every_registry_method_runs_at_every_dimension(projection_model, train_data, task_with_ties,
+def test_every_registry_method_runs_at_every_dimension(projection_model, few_train_data, task_with_ties,
                                                       embedding_cache, tmp_path):
     """The training command and the evaluation, every method, on a model of dimension 256 or 1,024: each method that
     applies there has its checkpoint (if it is fitted or trained) and its rows, each row the bytes its method stores at
@@ -68,7 +68,7 @@ def test_every_registry_method_runs_at_every_dimension(projection_model, train_d
     # below that), which the training command says in one line and goes on; the evaluation then runs the others
     few = [n for n in TRANSFER if methods.entry(n).settings(d).get("spec", "").startswith("OPQ")] if d > 592 else []
     start, cpu = time.time(), time.process_time()  # wall and CPU time (the machine may be shared)
-    training = run_training([str(a) for a in [*common, "--train-data", train_data, "--out", out, "--random-inits", "0", "--epochs", "1"]])
+    training = run_training([str(a) for a in [*common, "--train-data", few_train_data, "--out", out, "--random-inits", "0", "--epochs", "1"]])
     trained_in, trained_cpu = time.time() - start, time.process_time() - cpu
     for name in few:
         assert re.search(rf"^{re.escape(name)}: skipped, cannot be fitted on 592 texts \(OPQ needs at least 1,024", training.stdout, re.M)

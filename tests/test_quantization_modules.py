@@ -19,7 +19,7 @@ import data as data_module
 import methods
 import mteb_adapter
 import quantization_modules as qm
-from conftest import PROGRESS_BAR, ROOT, TINY_DOCS, interrupt
+from conftest import FITTING_PAIRS, PROGRESS_BAR, ROOT, TINY_DOCS, interrupt
 from encoders import DEFAULT_MODEL, model_slug
 
 pytestmark = pytest.mark.usefixtures("faiss_one_thread")
@@ -377,7 +377,7 @@ def test_transfer_training_fits_every_method_on_transfer_texts_and_reads_no_test
     assert written == sorted(fitted_names())
     for name in fitted_names():
         meta = checkpoint_metadata(fitted, name)
-        assert json.loads(meta["training_sources"]) == {"pairs/quora": 300} and meta["protocol"] == "transfer", name
+        assert json.loads(meta["training_sources"]) == {"pairs/quora": FITTING_PAIRS} and meta["protocol"] == "transfer", name
         assert json.loads(meta["validation_query_ids"]) == {"SciFact": list(data_module.load_qrels(folder, "dev"))}
         assert meta["method"] == name and meta["dimension"] == "384"
 
@@ -396,7 +396,7 @@ def test_in_domain_training_adds_the_train_queries_and_still_reads_no_test_qrels
         meta = checkpoint_metadata(fitted_in_domain, name, "in-domain")
         assert meta["protocol"] == "in-domain"
         assert json.loads(meta["training_sources"]) == {"in-domain/SciFact": sum(s > 0 for d in train.values() for s in d.values()),
-                                                        "pairs/quora": 600}  # the general pairs become texts
+                                                        "pairs/quora": 2 * FITTING_PAIRS}  # the general pairs become texts
         assert json.loads(meta["validation_query_ids"]) == {"SciFact": list(dev)} and not set(dev) & set(train)
     assert not checkpoints.checkpoint_path(fitted_in_domain.checkpoints, DEFAULT_MODEL, "stage1_trained").exists()
 
