@@ -261,7 +261,9 @@ def interrupt(script: str, args: list, marker: bytes, stream: str = "stdout", en
     `stream` shows `marker` (long enough to be past the code that printed it). Returns the exit code and the lines
     written to stderr, progress bars left out."""
     process = subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, bufsize=0, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                               stderr=subprocess.PIPE, bufsize=0, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+    #   process has it, also when the tests run in the background (nohup, `&`), which starts them ignoring SIGINT
     seen = b""
     try:
         while marker not in seen and (byte := getattr(process, stream).read(1)):
