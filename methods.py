@@ -392,8 +392,7 @@ class ThresholdCodes(Float):
         self.transform = {None: lambda: None, "first": lambda: None, "pca": lambda: faiss.PCAMatrix(dim, self.out),
                           "lsh": lambda: random_rotation(dim, self.out)}[transform]()
         self.counts = np.concatenate([np.full(c, k) for c, k in self.groups])  # levels per dimension
-        used = np.arange(self.levels - 1) < self.counts[:, None] - 1
-        self.thresholds = np.where(used, 0.0, np.inf).astype(np.float32)
+        self.thresholds = np.where(self.used_thresholds, 0.0, np.inf).astype(np.float32)
         self.recon = np.where(np.arange(self.levels) < self.counts[:, None],  # until fitted: the thermometer code's
                               2 * np.arange(self.levels) - (self.counts[:, None] - 1), 0).astype(np.float32)  # +-1 bits summed
         self.matrix = np.eye(self.out, dtype=np.float32) if rotation else None  # the learned rotation
@@ -463,6 +462,20 @@ class ThresholdCodes(Float):
     def code_bits_per_vector(self) -> int:
         return self.code_bits(self.dim, self.levels, self.out, self.pairs, self.groups)
 
+    @property
+    def used_thresholds(self) -> np.ndarray:
+        """(out, levels - 1) bool: the thresholds each dimension has (k - 1 for k levels); the others are +inf."""
+        return np.arange(self.levels - 1) < self.counts[:, None] - 1
+
+    def spans(self) -> list[tuple[int, slice, slice]]:
+        """Each group: its levels, its dimensions, and its bytes in the packed-levels (asym) code."""
+        spans, first_dim, first_byte = [], 0, 0
+        for count, k in self.groups:
+            nbytes = -(-count // levels_per_byte(k))
+            spans.append((k, slice(first_dim, first_dim + count), slice(first_byte, first_byte + nbytes)))
+            first_dim, first_byte = first_dim + count, first_byte + nbytes
+        return spans
+
     def values(self, x: np.ndarray) -> np.ndarray:
         """What the thresholds compare: the embedding, or its transform (and learned rotation)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -475,16 +488,14 @@ class ThresholdCodes(Float):
         if isinstance(self.transform, faiss.PCAMatrix):
             with one_faiss_thread():
                 self.transform.train(np.ascontiguousarray(x, dtype=np.float32))
-        v, start = self.values(x), 0
-        for count, k in self.groups:
-            part, dims = v[:, start : start + count], slice(start, start + count)
+        v = self.values(x)
+        for k, dims, _ in self.spans():
             if self.kind == "quantile":
-                self.thresholds[dims, : k - 1] = np.quantile(part, np.arange(1, k) / k, axis=0).T
+                self.thresholds[dims, : k - 1] = np.quantile(v[:, dims], np.arange(1, k) / k, axis=0).T
             elif self.kind == "lloyd":
-                self.thresholds[dims, : k - 1] = lloyd_max(part, k)
+                self.thresholds[dims, : k - 1] = lloyd_max(v[:, dims], k)
             if self.levels > 2:
-                self.recon[dims, :k] = bin_means(part, self.thresholds[dims, : k - 1])
-            start += count
+                self.recon[dims, :k] = bin_means(v[:, dims], self.thresholds[dims, : k - 1])
 
     def state(self) -> dict[str, np.ndarray]:
         state = {"thresholds": self.thresholds, "recon": self.recon}
@@ -500,7 +511,7 @@ class ThresholdCodes(Float):
         for name, array in tensors.items():
             if name in want and tuple(array.shape) != want[name]:
                 raise UsageError(f"{path}: {name} has shape {tuple(array.shape)}, not {want[name]}")
-        used = {"thresholds": np.arange(self.levels - 1) < self.counts[:, None] - 1,  # the others are +inf
+        used = {"thresholds": self.used_thresholds,  # the others are +inf
                 "recon": np.arange(self.levels) < self.counts[:, None], "rotation": np.ones((self.out, self.out), bool)}
         for name, array in tensors.items():
             if name in want and not np.isfinite(array[used[name]]).all():
@@ -528,8 +539,7 @@ class ThresholdCodes(Float):
         if self.pairs:
             half = self.out // 2
             return np.concatenate([levels[:, :half], levels[:, half::2] | levels[:, half + 1 :: 2]], axis=1).astype(bool)
-        used = np.arange(self.levels - 1) < self.counts[:, None] - 1
-        return (levels[:, :, None] > np.arange(self.levels - 1))[:, used]
+        return (levels[:, :, None] > np.arange(self.levels - 1))[:, self.used_thresholds]
 
     def packs_levels(self, mode: str | None) -> bool:
         """Whether `mode` stores packed levels (asym, and a method searched by asym only) rather than bit codes."""
@@ -539,15 +549,15 @@ class ThresholdCodes(Float):
         """Packed levels for asym rows (a group at a time), packed bit codes (np.packbits) for the others."""
         if not self.packs_levels(mode):
             return pack_bits(self.bits(x))
-        levels, starts = self.quantize(x), np.cumsum([0] + [c for c, _ in self.groups])
-        return np.concatenate([pack_levels(levels[:, s:e], k) for (_, k), s, e in zip(self.groups, starts, starts[1:])], axis=1)
+        levels = self.quantize(x)
+        return np.concatenate([pack_levels(levels[:, dims], k) for k, dims, _ in self.spans()], axis=1)
 
     def decode(self, codes: np.ndarray, mode: str | None = None) -> np.ndarray:
         """Codes -> each level's reconstruction value (n, out); a Stage 2 code's bits as +-1 (n, code bits)."""
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         if self.packs_levels(mode):
-            nbytes = np.cumsum([0] + [-(-c // levels_per_byte(k)) for c, k in self.groups])
-            levels = np.concatenate([unpack_levels(codes[:, s:e], k, c) for (c, k), s, e in zip(self.groups, nbytes, nbytes[1:])], axis=1)
+            levels = np.concatenate([unpack_levels(codes[:, nbytes], k, dims.stop - dims.start)
+                                     for k, dims, nbytes in self.spans()], axis=1)
         else:
             bits = np.unpackbits(codes, axis=1)[:, : self.code_bits_per_vector]
             if self.pairs:
@@ -561,13 +571,9 @@ class ThresholdCodes(Float):
         if self.pairs:
             bits = np.arange(self.code_bits_per_vector)
             return bits // 8, bits % 8, 8
-        first, byte, place = 0, [], []
-        for count, k in self.groups:
-            per = levels_per_byte(k)
-            byte.append(first + np.arange(count) // per)
-            place.append(np.arange(count) % per)
-            first += -(-count // per)
-        return np.concatenate(byte), np.concatenate(place), max(levels_per_byte(k) for _, k in self.groups)
+        spans = [(np.arange(dims.stop - dims.start), levels_per_byte(k), nbytes.start) for k, dims, nbytes in self.spans()]
+        return (np.concatenate([first + i // per for i, per, first in spans]), np.concatenate([i % per for i, per, _ in spans]),
+                max(per for _, per, _ in spans))
 
     def adc_index(self, codes: np.ndarray):
         """A faiss IndexPQ holding the codes, one sub-quantiser per code byte, whose 256 centroids are what each byte
