@@ -736,7 +736,7 @@ METHODS = {  # name -> declaration; the report's order within equal bytes
     "rabitq2b": Entry(FaissCodes, lambda d: faiss_codes("RaBitQ2", -(-d // 4) + 20, "rabitq", {"qb8": ""}), "texts"),
     "rabitq4b": Entry(FaissCodes, lambda d: faiss_codes("RaBitQ4", -(-d // 2) + 20, "rabitq", {"qb8": ""}), "texts"),
     #          (multi-bit: the query in 8 bits gave the float query's (qb0) per-query nDCG@10 exactly on both tasks,
-    #           at a quarter of its time; faiss's float-query path is slow)
+    #           in less time; faiss's float-query path is slow: results/<MiniLM>/experiments/rabitq-query-bits.md)
     # binary codes: sign bits, after a random rotation or PCA, learned thresholds (quantization_modules.py)
     "stage1_zero": Entry(ThresholdCodes),
     "lsh": Entry(ThresholdCodes, lambda d: dict(transform="lsh")),
