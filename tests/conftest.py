@@ -268,6 +268,7 @@ def interrupt(script: str, args: list, marker: bytes, stream: str = "stdout", en
     try:
         while marker not in seen and (byte := getattr(process, stream).read(1)):
             seen += byte
+        assert marker in seen, f"{marker!r} never appeared: the run ended before it could be interrupted"
         time.sleep(0.1)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=120)

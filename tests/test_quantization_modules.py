@@ -528,11 +528,12 @@ INTERRUPTED = "interrupted; no checkpoint was written (a rerun encodes nothing t
 
 
 def test_ctrl_c_during_training_prints_one_line_exits_130_and_writes_no_checkpoint(tiny_training, tmp_path):
-    """A real SIGINT while Stage 1's candidates train (the progress bar shows the first of 10 done; int8 is fitted)."""
+    """A real SIGINT while Stage 1's first candidate trains (its progress bar has appeared at 0 of 10; int8 is fitted).
+    3,000 epochs keep that candidate training for seconds, however fast the machine."""
     previous = previous_checkpoints(tmp_path / "ck")
     code, stderr = interrupt("quantization_modules.py", [*tiny_training, "--out", tmp_path / "ck", "--methods", "int8",
-                                                         "stage1_trained", "--random-inits", "8", "--epochs", "100"],
-                             b"| 1/", "stderr")
+                                                         "stage1_trained", "--random-inits", "8", "--epochs", "3000"],
+                             b"| 0/10", "stderr")
     assert (code, stderr) == (130, [INTERRUPTED])  # one line: no traceback
     assert files_under(tmp_path / "ck") == previous
 
