@@ -163,7 +163,7 @@ def run(args) -> None:
     sources = sorted({s.split("/")[0] + "/" for m in metadata.values() for s in json.loads(m.get("training_sources", "{}"))})
     trained_on = f"; fitted and trained on {', '.join(sources)}" if sources else ""
     title = f"{args.model} (d = {dim}) on {', '.join(t.metadata.name for t in tasks)}, protocol {args.protocol}{trained_on} ({stamp})"
-    markdown = report.frontier_report(rows, per_query, title, reference, info) + "\n\n" + timing_section(timings, len(tasks))
+    markdown = report.frontier_report(rows, per_query, title, reference, info, dim) + "\n\n" + timing_section(timings, len(tasks))
     print("\n" + markdown)
     csv = rows.to_csv(index=False, float_format="%.6g")
     picture = report.plot(rows, f"{args.model}, protocol {args.protocol}: quality vs bytes", info)

@@ -3,7 +3,7 @@
 The evaluation calls this once it has run every row:
 
     rows = add_statistics(rows, per_query, reference="float")
-    markdown = frontier_report(rows, per_query, title, "float", info)
+    markdown = frontier_report(rows, per_query, title, "float", info, dim)
     png = plot(rows, title, info)
 
 `rows` is long form (task, split, method, metric, value): `method` is a row name such as "stage1_zero+asym", and the
@@ -39,7 +39,12 @@ from data import PROTOCOLS, SEED, UsageError, write_atomic  # noqa: E402
 RESAMPLES = 10_000  # paired randomisation test and bootstrap interval over per-query nDCG@10
 ALPHA = 0.05
 BASELINE = "stage1_zero"  # the untrained sign bits every row is also tested against
-BUDGETS = (36, 48, 64, 80, 96, 128, 192, 384)  # bytes per vector
+BUDGET_BITS = (0.75, 1, 4 / 3, 5 / 3, 2, 8 / 3, 4, 8)  # bits per dimension; at d = 384: 36, 48, 64, 80, 96, 128, 192, 384 B
+GOALS = ((1, 0.97, None), (4 / 3, 0.97, None), (5 / 3, 0.985, None), (2, 0.995, None), (8 / 3, 0.997, None),
+         (2, 0.97, "hamming"))  # the frontier's goals: (bits per dimension, mean retention, mode); a goal with a mode
+#   is on that mode's rows of codes with at most those bits per dimension, whatever their bytes (2-bit codes search by
+#   Hamming distance as 3-bit thermometer codes); one without is on every row within that many bytes
+PLOT_TICKS = (36, 48, 64, 96, 128, 192, 256, 384)  # bytes marked on the plot's axis, then doubling
 DEPTH_TARGET = 0.99  # the retention the depth table asks for
 FAMILY_COLOURS = {"float": "black", "cast": "tab:gray", "scalar": "tab:blue", "pca": "tab:green", "binary": "tab:red",
                   "pq": "tab:purple", "rabitq": "tab:orange", "multi-level": "tab:brown"}  # another family gets the next free colour
@@ -179,6 +184,49 @@ def summarise(rows: pd.DataFrame, info: dict[str, dict]) -> pd.DataFrame:
     return table.sort_values(["bytes", "mean", "order"], ascending=[True, False, True]).drop(columns="order")
 
 
+def budgets_for(dim: int, bits=BUDGET_BITS) -> tuple[int, ...]:
+    """Bytes per vector of each budget in bits per dimension at dimension `dim`: (36, 48, ..., 384) at d = 384."""
+    return tuple(round(b * dim / 8) for b in bits)
+
+
+def format_bits(bits: float) -> str:
+    """1 -> "1", 4/3 -> "1.33"."""
+    return f"{bits:.3g}"
+
+
+def goal_results(table: pd.DataFrame, info: dict[str, dict], dim: int, goals=GOALS) -> list[dict]:
+    """Each goal of `goals` against the best row that keeps no float vectors within its budget at dimension `dim`
+    (see GOALS): {budget, goal, best row, measured, verdict} as the tables print them; the verdict is "met" or by how
+    many points of mean retention it is missed."""
+    out = []
+    for bits, target, mode in goals:
+        if mode is None:
+            budget, label = budgets_for(dim, (bits,))[0], f"≤ {budgets_for(dim, (bits,))[0]:,} B ({format_bits(bits)} bits/dim)"
+            fits = table[[not info[row]["keeps_float"] for row in table.index]]
+        else:
+            budget, label = np.inf, f"≤ {format_bits(bits)} bits/dim, {mode}"
+            fits = table[[info[row]["mode"] == mode and info[row].get("bits_per_dimension", np.inf) <= bits + 1e-9 for row in table.index]]
+        best = best_within(fits, budget)
+        short = None if best is None else 100 * (target - table.retention[best])
+        verdict = ("nothing fits" if best is None else "met" if short <= 0
+                   else f"missed by {short:.1f} points" if short >= 0.05 else "missed by < 0.1 points")
+        out.append({"budget": label,
+                    "goal": f"≥ {target:.1%}".replace(".0%", "%"), "best row": best or "—",
+                    "measured": "" if best is None else f"{table.retention[best]:.1%}", "verdict": verdict})
+    return out
+
+
+def goal_lines(table: pd.DataFrame, info: dict[str, dict], dim: int, goals=GOALS) -> list[str]:
+    """Markdown lines: `goal_results` as a table (none without retention)."""
+    if "retention" not in table:
+        return []
+    return ["### Against the frontier goals", "",
+            "The best row that keeps no float vectors within each budget in bytes (or, for a goal on a search mode, among "
+            "that mode's rows of codes with at most those bits per dimension), and its mean retention over tasks "
+            "against the goal.", "",
+            pd.DataFrame(goal_results(table, info, dim, goals)).to_markdown(index=False, disable_numparse=True), ""]
+
+
 def best_within(table: pd.DataFrame, budget: float, learned_only: bool = False) -> str | None:
     """The row with the highest mean nDCG@10 among those with bytes <= budget (ties: the fewer bytes), or None."""
     fits = table[(table.bytes <= budget) & table["mean"].notna() & (table.learned | (not learned_only))]
@@ -193,8 +241,8 @@ def format_cell(value: float, fmt: str) -> str:
     return "" if pd.isna(value) else format(value, fmt)
 
 
-def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: str, info: dict[str, dict],
-                    budgets=BUDGETS, baseline: str = BASELINE) -> str:
+def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: str, info: dict[str, dict], dim: int,
+                    budgets=None, baseline: str = BASELINE) -> str:
     """Markdown: every row by bytes with the Pareto-optimal ones marked, then the best row within each byte budget.
 
     Args:
@@ -203,7 +251,8 @@ def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: 
         title: The report's heading.
         reference: The row that retention and the * marks are against.
         info: Row name -> {"family", "mode", "learned", ...}; `learned` marks learned-threshold rows.
-        budgets: Bytes per vector of the budget table.
+        dim: The embedding dimension: the budgets' bytes (`budgets_for`) and the frontier goals' (`goal_lines`).
+        budgets: Bytes per vector of the budget table, instead of `budgets_for(dim)`.
         baseline: The row of the † marks and the Δ columns.
 
     Returns:
@@ -214,6 +263,7 @@ def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: 
     """
     all_rows, rows = rows, rows[~rows.method.map(lambda r: info.get(r, {}).get("extra", False))]  # depth rows: own table
     table, labels = summarise(rows, info), list(column_labels(rows).values())
+    budgets = budgets_for(dim) if budgets is None else budgets
     metrics = set(rows.metric)
 
     # the main table: significance marks on each task's nDCG@10, Δ and p against the baseline
@@ -285,6 +335,7 @@ def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: 
               "best row: highest mean nDCG@10 with bytes ≤ budget; best learned: the same among learned-threshold rows; "
               f"Δ: best row − best learned, per task (p; * p < {ALPHA}); sig. better: significantly better on every task.", "",
               budget_table.to_markdown(index=False, disable_numparse=True, colalign=align), ""]
+    lines += goal_lines(table, info, dim)
     lines += learned_table(rows, per_query, info, table)
     lines += depth_table(all_rows, info)
     return "\n".join(lines)
@@ -419,7 +470,7 @@ def plot(rows: pd.DataFrame, title: str, info: dict[str, dict]) -> bytes:
                         arrowprops=dict(arrowstyle="-", color="gray", linewidth=0.5) if lifted else None)
         ax.set(xscale="log", xlabel="bytes per vector (log scale)", ylabel="nDCG@10", title=label)
         left, right = panel.bytes.min() / 5, panel.bytes.max() * 1.5  # room on the left for the names
-        ticks = [*BUDGETS]
+        ticks = [*PLOT_TICKS]
         while ticks[-1] < panel.bytes.max():
             ticks.append(2 * ticks[-1])  # 768, 1,536, ...
         ticks = [b for b in ticks if left <= b <= right]
@@ -583,26 +634,48 @@ def searchable(model: ModelResults) -> pd.DataFrame:
     return model.table[[not model.info[row]["keeps_float"] for row in model.table.index]]
 
 
-def best_per_budget(models: list[ModelResults], budgets=BUDGETS) -> dict[int, list[str | None]]:
-    """Budget -> each model's best row within it (`best_within` over `searchable` rows), None where nothing fits."""
-    return {budget: [best_within(searchable(model), budget) for model in models] for budget in budgets}
+def best_per_budget(models: list[ModelResults], bits=BUDGET_BITS) -> dict[float, list[str | None]]:
+    """Bits per dimension -> each model's best row within that many bytes at its own dimension (`best_within` over
+    `searchable` rows), None where nothing fits."""
+    return {b: [best_within(searchable(model), budgets_for(model.dim, (b,))[0]) for model in models] for b in bits}
 
 
-def budget_lines(models: list[ModelResults], winners: dict[int, list[str | None]]) -> list[str]:
-    """Markdown lines: per budget, each model's best row, its bytes and mean retention, and whether the models agree."""
+def budget_lines(models: list[ModelResults], winners: dict[float, list[str | None]]) -> list[str]:
+    """Markdown lines: per budget in bits per dimension, each model's bytes there, best row and its mean retention,
+    and whether the models agree."""
     out = []
-    for budget, best in winners.items():
-        entry = {"budget": f"{budget:,} B"}
+    for bits, best in winners.items():
+        entry = {"bits/dim": format_bits(bits)}
         for model, row in zip(models, best):
+            entry[f"{model.label}: budget"] = f"{budgets_for(model.dim, (bits,))[0]:,} B"
             entry[f"{model.label}: best row"] = row or "nothing fits"
-            entry[f"{model.label}: bytes"] = "" if row is None else f"{model.table.bytes[row]:,.0f}"
             entry[f"{model.label}: retention"] = "" if row is None else format_cell(model.table.retention[row], ".1%")
         entry["same row"] = "—" if None in best else "yes" if len(set(best)) == 1 else "no"
         out.append(entry)
     return ["### Best row per budget, by model", "",
-            "best row: highest mean nDCG@10 over the model's tasks with bytes ≤ budget, among rows that keep no float "
-            "vectors (as in each model's own budget table); retention: mean over tasks; same row: every model's best is "
-            "the same row (— where one has nothing that fits).", "",
+            "Budgets in bits per dimension, so each model's budget in bytes is at its own dimension. best row: highest "
+            "mean nDCG@10 over the model's tasks within the budget, among rows that keep no float vectors (as in each "
+            "model's own budget table); retention: mean over tasks; same row: every model's best is the same row (— "
+            "where one has nothing that fits).", "",
+            pd.DataFrame(out).to_markdown(index=False, disable_numparse=True), ""]
+
+
+def goal_lines_by_model(models: list[ModelResults], goals=GOALS) -> list[str]:
+    """Markdown lines: each model's `goal_results` side by side, a row per goal."""
+    results = [goal_results(model.table, model.info, model.dim, goals) for model in models]
+    out = []
+    for i, (bits, _, mode) in enumerate(goals):
+        entry = {"bits/dim": format_bits(bits) + (f", {mode}" if mode else ""), "goal": results[0][i]["goal"]}
+        for model, result in zip(models, results):
+            entry[f"{model.label}: budget"] = result[i]["budget"].split(" (")[0] if mode is None else "any bytes"
+            entry[f"{model.label}: best row"] = result[i]["best row"]
+            entry[f"{model.label}: measured"] = result[i]["measured"]
+            entry[model.label] = result[i]["verdict"]
+        out.append(entry)
+    return ["### The frontier goals, by model", "",
+            "Each model's best row that keeps no float vectors within the budget in bytes at its own dimension (or, for a "
+            "goal on a search mode, among that mode's rows of codes with at most those bits per dimension), and its mean "
+            "retention over tasks against the goal.", "",
             pd.DataFrame(out).to_markdown(index=False, disable_numparse=True), ""]
 
 
@@ -645,33 +718,73 @@ def paired_cell(model: ModelResults, label: str, row: str, other: str) -> str:
     return f"{delta:+.4f} ({format_p(p)})" + ("*" if p < ALPHA else "")
 
 
-def difference_lines(models: list[ModelResults], winners: dict[int, list[str | None]]) -> list[str]:
+def difference_lines(models: list[ModelResults], winners: dict[float, list[str | None]]) -> list[str]:
     """Markdown lines: for each budget where the models' best rows differ, each pair of those rows (X, Y) tested
     within every model, per task (`paired_test` on per-query nDCG@10)."""
     labels = list(dict.fromkeys(label for model in models for label in column_labels(model.rows).values()))
     out = []
-    for budget, best in winners.items():
+    for bits, best in winners.items():
         if None in best or len(set(best)) == 1:
             continue
         best_for = {row: ", ".join(m.label for m, b in zip(models, best) if b == row) for row in best}
         for x, y in itertools.combinations(dict.fromkeys(best), 2):
             for model in models:
                 nbytes = [f"{model.table.bytes[r]:,.0f}" if r in model.table.index else "—" for r in (x, y)]
-                entry = {"budget": f"{budget:,} B", "X (best for)": f"{x} ({best_for[x]})",
+                entry = {"bits/dim": format_bits(bits), "X (best for)": f"{x} ({best_for[x]})",
                          "Y (best for)": f"{y} ({best_for[y]})", "in model": model.label, "bytes X / Y": " / ".join(nbytes)}
                 entry |= {f"Δ {label} (p)": paired_cell(model, label, x, y) for label in labels}
                 out.append(entry)
-    table = pd.DataFrame(out) if out else pd.DataFrame([{"budget": "every budget", "X (best for)": "the same best row in every model"}])
+    table = pd.DataFrame(out) if out else pd.DataFrame([{"bits/dim": "every budget", "X (best for)": "the same best row in every model"}])
     return ["### Where the models' best rows differ", "",
-            "For each budget where the models' best rows differ: X against Y within each model, Δ = X − Y nDCG@10 per "
+            "For each budget (bits per dimension) where the models' best rows differ: X against Y within each model, Δ = X − Y nDCG@10 per "
             f"task (paired randomisation test on per-query nDCG@10, {RESAMPLES:,} resamples; * p < {ALPHA}). bytes: at "
             "that model's dimension; a row that does not fit a model's budget there can still be tested.", "",
             table.to_markdown(index=False, disable_numparse=True), ""]
 
 
-def cross_model_report(models: list[ModelResults], budgets=BUDGETS) -> str:
-    """Markdown: the best row per budget side by side, every shared row's retention per model, and paired tests
-    within each model where the models' best rows differ."""
+def across_models_cell(models: list[ModelResults], rows: list[str], label: str, i: int) -> str:
+    """Δ (models[i]'s row − the first model's row) and p of `paired_test` on one task, pairing each query with itself
+    (the models answer the same queries), or why there is no test."""
+    keys = [{lab: key for key, lab in column_labels(m.rows).items()}.get(label) for m in (models[0], models[i])]
+    if None in keys:
+        return "—"
+    a, b = (m.per_query.get((*key, row)) for m, key, row in zip((models[0], models[i]), keys, (rows[0], rows[i])))
+    if a is None or b is None:
+        return "no per-query scores"
+    if set(a.index) != set(b.index):
+        return "different queries"
+    delta, _, _, p = paired_test(b.to_numpy(), a.reindex(b.index).to_numpy())
+    return f"{delta:+.4f} ({format_p(p)})" + ("*" if p < ALPHA else "")
+
+
+def same_bytes_lines(models: list[ModelResults], bits=BUDGET_BITS) -> list[str]:
+    """Markdown lines: at each budget in bytes (every model's budgets, `budgets_for` its dimension), each model's best
+    row that keeps no float vectors and its mean nDCG@10 (not retention: the models are compared with each other),
+    and each other model's best against the first's, per task, paired over the same queries."""
+    labels = list(dict.fromkeys(label for model in models for label in column_labels(model.rows).values()))
+    out = []
+    for budget in sorted({b for model in models for b in budgets_for(model.dim, bits)}):
+        best = [best_within(searchable(model), budget) for model in models]
+        entry = {"budget": f"{budget:,} B"}
+        for model, row in zip(models, best):
+            entry[f"{model.label}: best row"] = row or "nothing fits"
+            entry[f"{model.label}: nDCG@10"] = "" if row is None else f"{model.table['mean'][row]:.4f}"
+        for i, model in enumerate(models[1:], start=1):
+            for label in labels:
+                entry[f"Δ {model.label} − {models[0].label}, {label} (p)"] = (
+                    "—" if None in (best[0], best[i]) else across_models_cell(models, best, label, i))
+        out.append(entry)
+    return ["### Same bytes, either model", "",
+            "For a store of a given size: each model's best row within the budget in bytes (rows that keep no float "
+            "vectors), its mean nDCG@10 over tasks, and Δ nDCG@10 of each model's best against the first model's, per "
+            f"task (paired randomisation test over the same queries, {RESAMPLES:,} resamples; * p < {ALPHA}).", "",
+            pd.DataFrame(out).to_markdown(index=False, disable_numparse=True), ""]
+
+
+def cross_model_report(models: list[ModelResults], bits=BUDGET_BITS) -> str:
+    """Markdown: the best row per budget (bits per dimension) side by side, the frontier goals per model, every shared
+    row's retention per model, paired tests within each model where the models' best rows differ, and the best row
+    of each model at the same bytes, tested across models."""
     described = []
     for model in models:
         tasks = ", ".join(column_labels(model.rows).values())
@@ -679,13 +792,14 @@ def cross_model_report(models: list[ModelResults], budgets=BUDGETS) -> str:
         notes = [] if model.per_query else [f"no {PER_QUERY}: no paired tests"]
         notes += [f"left out, not in the registry: {', '.join(model.unknown)}"] if model.unknown else []
         described.append(f"{model.label} (d = {model.dim}; {tasks}; protocol {protocol}{'; ' if notes else ''}{'; '.join(notes)})")
-    winners = best_per_budget(models, budgets)
+    winners = best_per_budget(models, bits)
     lines = ["## Compression across models: " + " vs ".join(model.label for model in models), "",
              "From " + "; ".join(f"{model.folder}/latest.csv" for model in models) + ". " + "; ".join(described) + ".", ""]
-    return "\n".join(lines + budget_lines(models, winners) + family_lines(models) + difference_lines(models, winners))
+    return "\n".join(lines + budget_lines(models, winners) + goal_lines_by_model(models) + family_lines(models)
+                     + difference_lines(models, winners) + same_bytes_lines(models, bits))
 
 
-def write_cross_model(folders: list[str], budgets=BUDGETS) -> Path:
+def write_cross_model(folders: list[str], bits=BUDGET_BITS) -> Path:
     """Read each results folder, write the cross-model report to `CROSS_MODEL` in the folder that holds them all, and
     return its path.
 
@@ -703,7 +817,7 @@ def write_cross_model(folders: list[str], budgets=BUDGETS) -> Path:
         if labels.count(model.label) > 1:  # e.g. two copies of one model's results: name them by their folders
             model.label = str(model.folder)
     path = Path(os.path.commonpath([p.parent for p in paths])) / CROSS_MODEL
-    write_atomic(path, cross_model_report(models, budgets) + "\n")
+    write_atomic(path, cross_model_report(models, bits) + "\n")
     return path
 
 

@@ -119,7 +119,7 @@ def known_frontier():
 def test_pareto_marks_and_budget_winners_by_construction(known_frontier):
     rows, scores, info, nbytes = known_frontier
     rows = report.add_statistics(rows, scores, "float", baseline="sign")
-    markdown = report.frontier_report(rows, scores, "known", "float", info, budgets=(20, 30, 36, 48, 64, 384, 2000), baseline="sign")
+    markdown = report.frontier_report(rows, scores, "known", "float", info, 384, budgets=(20, 30, 36, 48, 64, 384, 2000), baseline="sign")
     main = markdown_table(markdown, "row")
     # sorted by bytes, the better of a tie first; Pareto: nothing with fewer or equal bytes is better, and pq64 only
     # matches learned48 with more bytes
@@ -151,25 +151,25 @@ def test_report_on_subsets_of_rows(known_frontier):
     keep = ["tiny", "sign", "pca96", "int8"]
     sub_scores = {k: v for k, v in scores.items() if k[2] in keep}
     sub = report.add_statistics(rows[rows.method.isin(keep)], sub_scores, "float", baseline="sign")
-    markdown = report.frontier_report(sub, sub_scores, "subset", "float", {r: {**info[r], "learned": False} for r in keep}, baseline="sign")
+    markdown = report.frontier_report(sub, sub_scores, "subset", "float", {r: {**info[r], "learned": False} for r in keep}, 384, baseline="sign")
     main, budgets = markdown_table(markdown, "row"), markdown_table(markdown, "budget")
     assert "retention" not in main[0] and "differs from float" not in markdown and "† differs from sign" in markdown
     assert not any(r["T"].endswith("*") for r in main) and any(r["T"].endswith("†") for r in main)
-    assert [r["best learned"] for r in budgets] == ["—"] * len(report.BUDGETS) and budgets[-1]["best row"] == "int8"
+    assert [r["best learned"] for r in budgets] == ["—"] * len(report.BUDGET_BITS) and budgets[-1]["best row"] == "int8"
     # in-domain: retention against float_adapted, two tasks (one of them only partly run), stage1_zero absent
     scores_in = {**{("T", "test", r): s for (_, _, r), s in scores.items()}, ("T", "test", "float_adapted"): scores["T", "test", "float"],
                  ("U", "test", "float_adapted"): scores["T", "test", "float"], ("U", "test", "int8"): scores["T", "test", "int8"]}
     rows_in = long_rows(scores_in, {**nbytes, "float_adapted": 1536})
     info_in = {**info, "float_adapted": info["float"]}
     rows_in = report.add_statistics(rows_in, scores_in, "float_adapted")
-    markdown = report.frontier_report(rows_in, scores_in, "in-domain", "float_adapted", info_in)
+    markdown = report.frontier_report(rows_in, scores_in, "in-domain", "float_adapted", info_in, 384)
     main = {r["row"]: r for r in markdown_table(markdown, "row")}
     assert "* differs from float_adapted" in markdown and "retention: nDCG@10 / float_adapted's" in markdown
     assert "Δ" not in markdown.split("###")[0]  # no stage1_zero row: no Δ columns
     assert main["float_adapted"]["retention"] == "100.0%" and main["int8"]["retention"] == "96.7%"
     assert main["pca96"]["U"] == "" and main["pca96"]["mean"] == "" and main["pca96"]["pareto"] == ""  # not run on U
     with pytest.raises(ValueError, match="no info"):
-        report.frontier_report(rows, scores, "missing", "float", {})
+        report.frontier_report(rows, scores, "missing", "float", {}, 384)
 
 
 def test_plot_is_a_png_with_a_panel_per_task(known_frontier):
@@ -203,7 +203,7 @@ def test_significantly_better_means_on_every_task(known_frontier):
     second["U", "test", "int8"] = scores["T", "test", "learned48"] + np.array([0.05, -0.05] * 4)
     both = {**scores, **second}
     rows2 = report.add_statistics(long_rows(both, nbytes), both, "float", baseline="sign")
-    budgets = {r["budget"]: r for r in markdown_table(report.frontier_report(rows2, both, "two", "float", info, budgets=(384,),
+    budgets = {r["budget"]: r for r in markdown_table(report.frontier_report(rows2, both, "two", "float", info, 384, budgets=(384,),
                                                                               baseline="sign"), "budget")}
     assert budgets["384 B"]["Δ T (p)"].endswith("*") and not budgets["384 B"]["Δ U (p)"].endswith("*")
     assert budgets["384 B"]["sig. better"] == "no"
@@ -211,7 +211,7 @@ def test_significantly_better_means_on_every_task(known_frontier):
     second["U", "test", "int8"] = scores["T", "test", "int8"]
     both = {**scores, **second}
     rows2 = report.add_statistics(long_rows(both, nbytes), both, "float", baseline="sign")
-    budgets = {r["budget"]: r for r in markdown_table(report.frontier_report(rows2, both, "two", "float", info, budgets=(384,),
+    budgets = {r["budget"]: r for r in markdown_table(report.frontier_report(rows2, both, "two", "float", info, 384, budgets=(384,),
                                                                               baseline="sign"), "budget")}
     assert budgets["384 B"]["sig. better"] == "yes"
 
@@ -223,7 +223,7 @@ def test_learned_rows_are_compared_with_training_free_rows_of_the_same_bits_and_
     info["s2"]["bits_per_dimension"] = 0.75  # no training-free row at 0.75 bits: not compared
     info["int8"]["family"] = "scalar"
     rows = report.add_statistics(rows, scores, "float", baseline="sign")
-    table = markdown_table(report.frontier_report(rows, scores, "t", "float", info, baseline="sign"), "bits/dim")
+    table = markdown_table(report.frontier_report(rows, scores, "t", "float", info, 384, baseline="sign"), "bits/dim")
     pairs = {(r["learned"], r["training-free"]): r for r in table}
     assert ("learned48", "sign") in pairs and not any(learned == "s2" for learned, _ in pairs)
     assert not any(free in ("float", "int8") for _, free in pairs)  # other families are not training-free versions
@@ -235,14 +235,14 @@ def test_the_depth_table_names_the_first_depth_that_reaches_99_percent():
     queries = QUERIES
     retention = {10: 0.95, 20: 0.985, 50: 0.991, 100: 0.995}
     scores = {("T", "test", "float"): pd.Series(0.5 + SPREAD, queries)}
-    info = {"float": {"method": "float", "family": "float", "mode": "exact", "learned": False}}
+    info = {"float": {"method": "float", "family": "float", "mode": "exact", "learned": False, "keeps_float": False}}
     for k, r in retention.items():
         row = "sign+rerank_int8" + ("" if k == 50 else f"@{k}")
         scores["T", "test", row] = pd.Series(0.5 * r + SPREAD, queries)
-        info[row] = {"method": "sign", "family": "binary", "mode": "rerank_int8", "learned": False, "depth": k,
+        info[row] = {"method": "sign", "family": "binary", "mode": "rerank_int8", "learned": False, "keeps_float": False, "depth": k,
                      "extra": k != 50, "bits_per_dimension": 1.0}
     rows = report.add_statistics(long_rows(scores, {r: 432 for _, _, r in scores}), scores, "float")
-    markdown = report.frontier_report(rows, scores, "t", "float", info)
+    markdown = report.frontier_report(rows, scores, "t", "float", info, 384)
     depth = markdown_table(markdown, "bits/dim")[-1]
     assert depth["best method"] == "sign" and depth["k=10"] == "95.0%" and depth["first k ≥ 99%"] == "50"
     main = [r["row"] for r in markdown_table(markdown, "row")]
