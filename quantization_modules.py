@@ -13,6 +13,10 @@ training pairs come from pairs/ and beir-small/. in-domain: the evaluated tasks'
 their relevant documents are added. Both: candidates are chosen on validation queries (a task's dev split, else a
 seeded 20% of its train queries); test qrels are never read here.
 
+Interruptions. The checkpoints are replaced together at the end of a run. Until then each one is staged under
+`<cache-dir>/unfinished-checkpoints/` as soon as it is made, so a rerun with the same inputs and settings keeps what an
+interrupted run fitted or trained, and the embedding cache keeps what it encoded.
+
 A quantiser here is the trainable form of a registry method of family methods.ThresholdCodes: after training,
 `export()` gives the thresholds (and rotation) that the method stores in its checkpoint and searches with; the
 evaluation never needs torch.
@@ -20,6 +24,8 @@ evaluation never needs torch.
 
 import argparse
 import datetime
+import hashlib
+import json
 import math
 import signal
 import sys
@@ -33,8 +39,8 @@ from torch import nn
 from tqdm import tqdm
 
 import methods
-from checkpoints import CHECKPOINTS_DIR, checkpoint_path, save_checkpoint
-from data import IN_DOMAIN_PAIRS, MAX_PER_SOURCE, PROTOCOLS, SEED, TASKS, UsageError, check_writable
+from checkpoints import CHECKPOINTS_DIR, checkpoint_path, load_checkpoint, save_checkpoint
+from data import IN_DOMAIN_PAIRS, MAX_PER_SOURCE, PROTOCOLS, SEED, TASKS, UsageError, check_writable, write_atomic
 from data import document_text, find_task_folder, load_beir, load_training_data, task_query_splits
 from encoders import CACHE_DIR, DEFAULT_MODEL, BaseModel, canonical_name, quiet_libraries
 from mteb_adapter import ndcg_at_10, task_prompt
@@ -51,6 +57,7 @@ ANNEAL = (10.0, 300.0)  # temperature schedule of "anneal": geometric from soft 
 NCE_TEMPERATURE = 0.05
 RANDOM_INITS = 5  # random threshold initialisations, besides the training-free ones (zero and median, or quantile and Lloyd-Max)
 GRAD_CLIP = 1.0
+STAGING = "unfinished-checkpoints"  # under --cache-dir: each checkpoint as soon as it is made, until the run ends
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,7 +300,8 @@ def make_quantizer(name: str, dim: int, temperature: float = TEMPERATURE) -> Qua
 
 # ---------------------------------------------------------------------------------------------------------------
 # the training command: embed the fitting texts and validation tasks once (cached), fit every method fitted on texts,
-# train every candidate of the learned ones and keep the best on validation, write every checkpoint together
+# train every candidate of the learned ones and keep the best on validation; stage each checkpoint as it is made (a
+# rerun keeps it), move them into place together at the end (an interrupted run leaves the old set whole)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -354,7 +362,8 @@ def main(argv=None) -> None:
     except UsageError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # the shell's convention for Ctrl-C: 130 (sys.exit with a message would exit 1)
-        print("interrupted; no checkpoint was written (a rerun encodes nothing the cache already holds)", file=sys.stderr)
+        print("interrupted; no checkpoint was written (a rerun keeps the methods made so far and encodes nothing the "
+              "cache already holds)", file=sys.stderr)
         sys.exit(130)
 
 
@@ -402,6 +411,25 @@ def run(args) -> None:
     common = {"base_model": args.model, "protocol": args.protocol, "dimension": str(dim), "seed": str(args.seed),
               "training_sources": sources, "validation_query_ids": {t: v[2] for t, v in task_data.items()}, "date": date}
 
+    # each method's checkpoint is staged in the cache folder as soon as it is made, and moved into place with the rest
+    # at the end; a rerun after an interruption keeps a staged one made from the same inputs (`made_with`)
+    staging = Path(args.cache_dir) / STAGING / checkpoint_path(Path(), args.model, "x", args.protocol).parent
+    inputs = hashlib.sha256()
+    for part in (embeddings, anchors, pairs[2].numpy(), *(v[k] for v in validation.values() for k in ("queries", "docs"))):
+        inputs.update(np.ascontiguousarray(part).tobytes())
+    inputs.update(json.dumps({k: v for k, v in common.items() if k != "date"}, sort_keys=True).encode())
+
+    def made_with(settings: dict) -> str:
+        return hashlib.sha256(inputs.digest() + json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+    def kept(name: str, fingerprint: str) -> tuple[dict, dict] | None:
+        """The staged checkpoint of `name` if an earlier run made it from the same inputs and settings, else None."""
+        try:
+            tensors, meta = load_checkpoint(staging / f"{name}.safetensors", args.model, dim, args.protocol, name)
+        except UsageError:  # none, or unreadable: made again
+            return None
+        return (tensors, meta) if meta.get("made_with") == fingerprint else None
+
     def validate(method, mode: str) -> dict[str, float]:
         """Validation nDCG@10 per task, ranked by the evaluation's own index and search."""
         keys = ("docs", "queries", "doc_ids", "query_ids")
@@ -412,27 +440,42 @@ def run(args) -> None:
                                                             validate(methods.make_method(name, dim), next(iter(methods.modes_of(name, dim)))).items()))
 
     # every method that applies at this dimension; one that cannot, or whose fit fails, is one line and the rest go on
-    to_save = []  # (path, state, metadata): written together at the end, so an interrupted run leaves the old set whole
+    to_save = []  # (staged, final path): moved together at the end, so an interrupted run leaves the old set whole
     for name in args.methods:
         if reason := methods.applies(name, dim):
             print(f"{name}: skipped, it does not apply at dimension {dim} ({reason})")
             continue
         start, method = time.time(), methods.make_method(name, dim)
-        path = checkpoint_path(args.out, args.model, name, args.protocol)
+        staged, path = staging / f"{name}.safetensors", checkpoint_path(args.out, args.model, name, args.protocol)
         meta = common | {"method": name, "description": methods.describe(name, dim)}
         if name not in trained:
-            try:
-                method.fit(embeddings)
-            except RuntimeError as e:  # faiss: e.g. fewer fitting texts than k-means centroids or PCA components
-                print(f"{name}: skipped, cannot be fitted on {len(embeddings):,} texts ({str(e).splitlines()[0].split('failed: ')[-1]})")
-                continue
-            to_save.append((path, method.state(), meta | {"fitted_on": f"{len(embeddings):,} fitting texts"}))
+            fingerprint = made_with({"method": name})
+            if previous := kept(name, fingerprint):
+                method.load_state(previous[0], staged)
+                how = f"kept from an interrupted run ({staged})"
+            else:
+                try:
+                    method.fit(embeddings)
+                except RuntimeError as e:  # faiss: e.g. fewer fitting texts than k-means centroids or PCA components
+                    print(f"{name}: skipped, cannot be fitted on {len(embeddings):,} texts ({str(e).splitlines()[0].split('failed: ')[-1]})")
+                    continue
+                save_checkpoint(staged, method.state(), meta | {"fitted_on": f"{len(embeddings):,} fitting texts",
+                                                                "made_with": fingerprint})
+                how = f"fitted on {len(embeddings):,} texts in {time.time() - start:.1f}s"
+            to_save.append((staged, path))
             mode = next(iter(methods.modes_of(name, dim)))
-            print(f"{name}: fitted on {len(embeddings):,} texts in {time.time() - start:.1f}s; validation nDCG@10 ({mode}) "
+            print(f"{name}: {how}; validation nDCG@10 ({mode}) "
                   + "  ".join(f"{t} {v:.4f}" for t, v in validate(method, mode).items()))
             continue
         sim_weight, contrastive_weight = weights[name]
         lr = args.lr or methods.entry(name).lr or LR
+        settings = {"method": name, "temperature": args.temperature, "loss": [sim_weight, contrastive_weight],
+                    "activation": args.activation, "epochs": args.epochs, "lr": lr, "batch_size": args.batch_size,
+                    "random_inits": args.random_inits}
+        if previous := kept(name, made_with(settings)):
+            to_save.append((staged, path))
+            print(f"{name}: kept from an interrupted run ({staged}; init {previous[1]['initialisation']})")
+            continue
         print(f"{name}: loss {sim_weight} * similarity_preservation + {contrastive_weight} * info_nce")
 
         def validate_quantizer(quantizer, method=method, name=name):
@@ -443,17 +486,20 @@ def run(args) -> None:
             lambda: make_quantizer(name, dim, args.temperature), embeddings, validate_quantizer, args.random_inits, args.seed,
             pairs=pairs, epochs=args.epochs, batch_size=args.batch_size, lr=lr, activation=args.activation,
             sim_weight=sim_weight, contrastive_weight=contrastive_weight)
-        to_save.append((path, quantizer.export(embeddings), meta | {
+        save_checkpoint(staged, quantizer.export(embeddings), meta | {
             "quantizer": type(quantizer).__name__, "initialisation": init, "temperature": str(args.temperature),
             "loss": f"{sim_weight} * similarity_preservation + {contrastive_weight} * info_nce(t={NCE_TEMPERATURE})",
             "activation": args.activation, "epochs": str(args.epochs), "lr": str(lr), "batch_size": str(args.batch_size),
-            "validation_ndcg_at_10": scores}))
+            "validation_ndcg_at_10": scores, "made_with": made_with(settings)})
+        to_save.append((staged, path))
         print(f"{name}: chose init {init} (validation mean nDCG@10 {scores[init]['mean']:.4f}); "
               f"{len(scores)} candidates trained in {time.time() - start:.1f}s")
     ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the set is written whole: Ctrl-C waits the milliseconds
     try:
-        for path, state, metadata in to_save:
-            save_checkpoint(path, state, metadata)
+        for staged, path in to_save:
+            write_atomic(path, staged.read_bytes())
+        for staged, _ in to_save:
+            staged.unlink()
     finally:
         signal.signal(signal.SIGINT, ctrl_c)
     print(f"wrote {len(to_save)} checkpoints to {checkpoint_path(args.out, args.model, 'x', args.protocol).parent}")

@@ -201,7 +201,8 @@ def goal_results(table: pd.DataFrame, info: dict[str, dict], dim: int, goals=GOA
     out = []
     for bits, target, mode in goals:
         if mode is None:
-            budget, label = budgets_for(dim, (bits,))[0], f"≤ {budgets_for(dim, (bits,))[0]:,} B ({format_bits(bits)} bits/dim)"
+            budget = budgets_for(dim, (bits,))[0]
+            label = f"≤ {budget:,} B ({format_bits(bits)} bit{'' if bits == 1 else 's'}/dim)"
             fits = table[[not info[row]["keeps_float"] for row in table.index]]
         else:
             budget, label = np.inf, f"≤ {format_bits(bits)} bits/dim, {mode}"

@@ -524,7 +524,8 @@ def files_under(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
 
 
-INTERRUPTED = "interrupted; no checkpoint was written (a rerun encodes nothing the cache already holds)"
+INTERRUPTED = ("interrupted; no checkpoint was written (a rerun keeps the methods made so far and encodes nothing the "
+               "cache already holds)")
 
 
 def test_ctrl_c_during_training_prints_one_line_exits_130_and_writes_no_checkpoint(tiny_training, tmp_path):
@@ -559,6 +560,56 @@ def test_an_interrupted_training_run_leaves_the_previous_checkpoints_byte_identi
     assert "int8: fitted on " in out and "stage1_trained: chose init " in out  # they were made, then not written
     assert [line for line in err.splitlines() if line.strip() and not PROGRESS_BAR.match(line)] == [INTERRUPTED]
     assert files_under(tmp_path / "ck") == previous
+
+
+def tensors_of(path: Path) -> dict[str, np.ndarray]:
+    with safe_open(path, "np") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def test_a_rerun_after_an_interruption_keeps_what_was_made_and_ends_with_the_uninterrupted_checkpoints(tiny_training, tmp_path,
+                                                                                                      monkeypatch, capsys):
+    """Ctrl-C while Stage 2 trains, after int8 was fitted and Stage 1 trained: the rerun neither refits int8 nor
+    retrains Stage 1, trains Stage 2, and writes the checkpoints an uninterrupted run writes (their arrays equal);
+    the staging folder is then empty. A rerun with other settings (epochs) trains Stage 1 again."""
+    args = [*map(str, tiny_training), "--methods", "int8", "stage1_trained", "stage2_trained", "--random-inits", "0", "--epochs", "2"]
+    real_train, real_fit, trained, fitted = qm.train_candidates, methods.FaissCodes.fit, [], []
+
+    def counting_train(build, *a, **k):
+        trained.append(type(build()).__name__)
+        if interrupt_at is not None and len(trained) == interrupt_at:
+            raise KeyboardInterrupt
+        return real_train(build, *a, **k)
+
+    monkeypatch.setattr(qm, "train_candidates", counting_train)
+    monkeypatch.setattr(methods.FaissCodes, "fit", lambda self, x: fitted.append(x.shape) or real_fit(self, x))
+    interrupt_at = 2
+    with pytest.raises(SystemExit) as exit_info:
+        qm.main([*args, "--out", str(tmp_path / "ck")])
+    assert exit_info.value.code == 130 and trained == ["QuantizationModuleStage1", "QuantizationModuleStage2"]
+    assert len(fitted) == 1 and not (tmp_path / "ck").exists()
+    staging = tmp_path / "cache" / qm.STAGING / model_slug(DEFAULT_MODEL)
+    assert sorted(p.name for p in staging.iterdir()) == ["int8.safetensors", "stage1_trained.safetensors"]
+
+    interrupt_at, trained[:], fitted[:] = None, [], []
+    qm.main([*args, "--out", str(tmp_path / "ck")])
+    out = capsys.readouterr().out
+    assert trained == ["QuantizationModuleStage2"] and fitted == []  # int8 and Stage 1 kept, not made again
+    assert "int8: kept from an interrupted run" in out and "stage1_trained: kept from an interrupted run" in out
+    assert list(staging.iterdir()) == []
+
+    qm.main([*args, "--out", str(tmp_path / "whole")])  # nothing staged now: an uninterrupted run makes every one
+    assert trained == ["QuantizationModuleStage2", "QuantizationModuleStage1", "QuantizationModuleStage2"] and len(fitted) == 1
+    for name in ("int8", "stage1_trained", "stage2_trained"):
+        resumed, whole = (tensors_of(checkpoints.checkpoint_path(tmp_path / d, DEFAULT_MODEL, name)) for d in ("ck", "whole"))
+        assert resumed.keys() == whole.keys() and all(np.array_equal(resumed[k], whole[k]) for k in whole), name
+
+    interrupt_at, trained[:] = 2, []
+    with pytest.raises(SystemExit):
+        qm.main([*args, "--out", str(tmp_path / "ck")])
+    trained[:], interrupt_at = [], None
+    qm.main([*args[:-1], "3", "--out", str(tmp_path / "ck")])  # --epochs 3: the staged Stage 1 (2 epochs) is not kept
+    assert trained == ["QuantizationModuleStage1", "QuantizationModuleStage2"]
 
 
 def test_a_training_failure_after_the_writability_check_leaves_no_new_checkpoint_folder(tiny_beir, tmp_path):
