@@ -3,16 +3,20 @@ importing the evaluation builds nothing, the registry is readable without buildi
 the tool, and every measured number in README and docs/ is one the results files hold."""
 
 import ast
+import json
 import re
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
+import checkpoints
 import methods
 import quantization_modules
 import report
 from conftest import ROOT
+from encoders import model_slug
 
 MODULES = {p.stem: p for p in ROOT.glob("*.py")}
 
@@ -108,3 +112,25 @@ def test_readme_and_docs_tables_are_the_results_files_own():
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = path.read_text()
         assert report.copy_sections(text) == text, f"{path.name}: a table differs from its results file"
+
+
+def test_every_committed_model_has_every_registry_row_from_its_committed_checkpoints():
+    """For each model under checkpoints/ (transfer protocol): every fitted or trained registry method that applies at
+    its dimension has a checkpoint that loads as the evaluation loads it, and its results/latest.csv has every registry
+    row at that dimension (so adding a method without refitting and rerunning each committed model fails here)."""
+    folders = sorted(p for p in (ROOT / "checkpoints").iterdir() if p.is_dir())
+    assert len(folders) >= 2, folders
+    for folder in folders:
+        raw = next(folder.glob("*.safetensors")).read_bytes()
+        model = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]["base_model"]
+        assert model_slug(model) == folder.name
+        rows = pd.read_csv(ROOT / "results" / folder.name / "latest.csv")
+        dim = int(rows[(rows.method == "float") & (rows.metric == "bytes_per_vector")].value.iloc[0]) // 4
+        ran = set(rows.method)
+        for name, entry in methods.METHODS.items():
+            if methods.applies(name, dim) or "transfer" not in entry.protocols:
+                continue
+            if entry.fitted_on != "nothing":
+                checkpoints.load_method(name, dim, model, ROOT / "checkpoints", "transfer")
+            missing = set(methods.rows_of(name, dim)) - ran
+            assert not missing, f"{folder.name}: no results for {sorted(missing)}"
