@@ -48,7 +48,7 @@ PLOT_TICKS = (36, 48, 64, 96, 128, 192, 256, 384)  # bytes marked on the plot's 
 DEPTH_TARGET = 0.99  # the retention the depth table asks for
 FAMILY_COLOURS = {"float": "black", "cast": "tab:gray", "scalar": "tab:blue", "pca": "tab:green", "binary": "tab:red",
                   "pq": "tab:purple", "rabitq": "tab:orange", "multi-level": "tab:brown"}  # another family gets the next free colour
-CROSS_MODEL = "cross-model.md"  # written beside the results folders it compares
+CROSS_MODEL = "cross-model{}.md"  # written beside the results folders it compares; "-in-domain" when they are in-domain
 PER_QUERY = "per_query.csv.gz"  # per-query nDCG@10 of every row, beside latest.csv (gzip: 5 MB of text)
 MODE_MARKERS = {"exact": "o", "hamming": "s", "asym": "^", "sym": "v", "rerank": "D", "rerank_int8": "d", "qb4": "P", "qb8": "X"}
 
@@ -801,8 +801,9 @@ def cross_model_report(models: list[ModelResults], bits=BUDGET_BITS) -> str:
 
 
 def write_cross_model(folders: list[str], bits=BUDGET_BITS) -> Path:
-    """Read each results folder, write the cross-model report to `CROSS_MODEL` in the folder that holds them all, and
-    return its path.
+    """Read each results folder, write the cross-model report to `CROSS_MODEL` in the folder that holds them all (named
+    by the protocols other than transfer among the folders', so the transfer report is not overwritten), and return
+    its path.
 
     Raises:
         UsageError: If fewer than two folders are given, one is given twice, or one cannot be read (`read_results`).
@@ -817,7 +818,8 @@ def write_cross_model(folders: list[str], bits=BUDGET_BITS) -> Path:
     for model in models:
         if labels.count(model.label) > 1:  # e.g. two copies of one model's results: name them by their folders
             model.label = str(model.folder)
-    path = Path(os.path.commonpath([p.parent for p in paths])) / CROSS_MODEL
+    protocols = sorted({p.name for p in paths if p.name in PROTOCOLS} - {"transfer"})
+    path = Path(os.path.commonpath([p.parent for p in paths])) / CROSS_MODEL.format("".join(f"-{p}" for p in protocols))
     write_atomic(path, cross_model_report(models, bits) + "\n")
     return path
 

@@ -208,6 +208,15 @@ def test_without_per_query_scores_the_tests_say_so(two_models, tmp_path):
     assert all(re.fullmatch(r"[+-]\d\.\d{4} \(.+\)\*?", cell) for cell in cells["model-a"])
 
 
+def test_in_domain_folders_get_their_own_report_beside_the_transfer_one(two_models, tmp_path):
+    for label, folder in zip(("model-a", "model-b"), two_models["folders"]):
+        shutil.copytree(folder, tmp_path / f"org__{label}" / "in-domain")
+    (tmp_path / "cross-model.md").write_text("the transfer report")
+    written = report.write_cross_model([str(tmp_path / "org__model-a" / "in-domain"), str(tmp_path / "org__model-b" / "in-domain")])
+    assert written == tmp_path / "cross-model-in-domain.md" and (tmp_path / "cross-model.md").read_text() == "the transfer report"
+    assert written.read_text().startswith("## Compression across models: model-a in-domain vs model-b in-domain")
+
+
 def test_per_query_scores_survive_the_csv_exactly(tmp_path):
     scores = {("T", "test", "x"): pd.Series([1 / 3, 2 / 7, 0.0, 1.0], ["2", "10", "a b", "007"]),
               ("T", "test", "y"): pd.Series([np.pi / 4, 0.1 + 0.2, 1e-17, 0.5], ["2", "10", "a b", "007"])}
