@@ -114,23 +114,25 @@ def test_readme_and_docs_tables_are_the_results_files_own():
         assert report.copy_sections(text) == text, f"{path.name}: a table differs from its results file"
 
 
-def test_every_committed_model_has_every_registry_row_from_its_committed_checkpoints():
-    """For each model under checkpoints/ (transfer protocol): every fitted or trained registry method that applies at
-    its dimension has a checkpoint that loads as the evaluation loads it, and its results/latest.csv has every registry
-    row at that dimension (so adding a method without refitting and rerunning each committed model fails here)."""
+@pytest.mark.parametrize("protocol", ["transfer", "in-domain"])
+def test_every_committed_model_has_every_registry_row_from_its_committed_checkpoints(protocol):
+    """For each model under checkpoints/, in each protocol: every fitted or trained registry method of the protocol that
+    applies at its dimension has a checkpoint that loads as the evaluation loads it, and the protocol's latest.csv has
+    every registry row at that dimension (adding a method without refitting and rerunning each committed model fails)."""
     folders = sorted(p for p in (ROOT / "checkpoints").iterdir() if p.is_dir())
     assert len(folders) >= 2, folders
     for folder in folders:
         raw = next(folder.glob("*.safetensors")).read_bytes()
         model = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]["base_model"]
         assert model_slug(model) == folder.name
-        rows = pd.read_csv(ROOT / "results" / folder.name / "latest.csv")
+        results = ROOT / "results" / folder.name / ("" if protocol == "transfer" else protocol)
+        rows = pd.read_csv(results / "latest.csv")
         dim = int(rows[(rows.method == "float") & (rows.metric == "bytes_per_vector")].value.iloc[0]) // 4
         ran = set(rows.method)
         for name, entry in methods.METHODS.items():
-            if methods.applies(name, dim) or "transfer" not in entry.protocols:
+            if methods.applies(name, dim) or protocol not in entry.protocols:
                 continue
             if entry.fitted_on != "nothing":
-                checkpoints.load_method(name, dim, model, ROOT / "checkpoints", "transfer")
+                checkpoints.load_method(name, dim, model, ROOT / "checkpoints", protocol)
             missing = set(methods.rows_of(name, dim)) - ran
-            assert not missing, f"{folder.name}: no results for {sorted(missing)}"
+            assert not missing, f"{folder.name} {protocol}: no results for {sorted(missing)}"
