@@ -184,9 +184,14 @@ def summarise(rows: pd.DataFrame, info: dict[str, dict]) -> pd.DataFrame:
     return table.sort_values(["bytes", "mean", "order"], ascending=[True, False, True]).drop(columns="order")
 
 
+def budget_bytes(dim: int, bits: float) -> int:
+    """Bytes per vector of a budget of `bits` per dimension at dimension `dim`."""
+    return round(bits * dim / 8)
+
+
 def budgets_for(dim: int, bits=BUDGET_BITS) -> tuple[int, ...]:
-    """Bytes per vector of each budget in bits per dimension at dimension `dim`: (36, 48, ..., 384) at d = 384."""
-    return tuple(round(b * dim / 8) for b in bits)
+    """`budget_bytes` of each budget: (36, 48, ..., 384) at d = 384."""
+    return tuple(budget_bytes(dim, b) for b in bits)
 
 
 def format_bits(bits: float) -> str:
@@ -196,16 +201,16 @@ def format_bits(bits: float) -> str:
 
 def goal_results(table: pd.DataFrame, info: dict[str, dict], dim: int, goals=GOALS) -> list[dict]:
     """Each goal of `goals` against the best row that keeps no float vectors within its budget at dimension `dim`
-    (see GOALS): {budget, goal, best row, measured, verdict} as the tables print them; the verdict is "met" or by how
-    many points of mean retention it is missed."""
+    (see GOALS): {budget, goal, best row, measured, verdict} as the tables print them, and `bytes`, the budget's bytes
+    alone ("any bytes" for a goal on a mode); the verdict is "met" or by how many points of mean retention it is missed."""
     out = []
     for bits, target, mode in goals:
         if mode is None:
-            budget = budgets_for(dim, (bits,))[0]
-            label = f"≤ {budget:,} B ({format_bits(bits)} bit{'' if bits == 1 else 's'}/dim)"
+            budget = budget_bytes(dim, bits)
+            nbytes, label = f"≤ {budget:,} B", f"≤ {budget:,} B ({format_bits(bits)} bit{'' if bits == 1 else 's'}/dim)"
             fits = table[[not info[row]["keeps_float"] for row in table.index]]
         else:
-            budget, label = np.inf, f"≤ {format_bits(bits)} bits/dim, {mode}"
+            budget, nbytes, label = np.inf, "any bytes", f"≤ {format_bits(bits)} bits/dim, {mode}"
             fits = table[[info[row]["mode"] == mode and info[row].get("bits_per_dimension", np.inf) <= bits + 1e-9 for row in table.index]]
         best = best_within(fits, budget)
         short = None if best is None else 100 * (target - table.retention[best])
@@ -213,7 +218,7 @@ def goal_results(table: pd.DataFrame, info: dict[str, dict], dim: int, goals=GOA
                    else f"missed by {short:.1f} points" if short >= 0.05 else "missed by < 0.1 points")
         out.append({"budget": label,
                     "goal": f"≥ {target:.1%}".replace(".0%", "%"), "best row": best or "—",
-                    "measured": "" if best is None else f"{table.retention[best]:.1%}", "verdict": verdict})
+                    "measured": "" if best is None else f"{table.retention[best]:.1%}", "verdict": verdict, "bytes": nbytes})
     return out
 
 
@@ -225,7 +230,7 @@ def goal_lines(table: pd.DataFrame, info: dict[str, dict], dim: int, goals=GOALS
             "The best row that keeps no float vectors within each budget in bytes (or, for a goal on a search mode, among "
             "that mode's rows of codes with at most those bits per dimension), and its mean retention over tasks "
             "against the goal.", "",
-            pd.DataFrame(goal_results(table, info, dim, goals)).to_markdown(index=False, disable_numparse=True), ""]
+            pd.DataFrame(goal_results(table, info, dim, goals)).drop(columns="bytes").to_markdown(index=False, disable_numparse=True), ""]
 
 
 def best_within(table: pd.DataFrame, budget: float, learned_only: bool = False) -> str | None:
@@ -236,6 +241,11 @@ def best_within(table: pd.DataFrame, budget: float, learned_only: bool = False) 
 
 def format_p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def format_test(delta: float, p: float) -> str:
+    """A paired test as the tables write it: "+0.0123 (0.045)*", * when p < ALPHA."""
+    return f"{delta:+.4f} ({format_p(p)})" + ("*" if p < ALPHA else "")
 
 
 def format_cell(value: float, fmt: str) -> str:
@@ -323,7 +333,7 @@ def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: 
                 if (task, split, best, learned) not in tested:
                     tested[task, split, best, learned] = paired_test(*aligned(per_query, task, split, best, learned))
                 delta, _, _, p = tested[task, split, best, learned]
-                cell = f"{delta:+.4f} ({format_p(p)})" + ("*" if p < ALPHA else "")
+                cell = format_test(delta, p)
                 better.append(delta > 0 and p < ALPHA)
             else:
                 cell = "no per-query scores"
@@ -359,7 +369,7 @@ def learned_table(rows: pd.DataFrame, per_query: dict, info: dict[str, dict], ta
                 task, split = split_of[label]
                 if (task, split, learned) in per_query and (task, split, free) in per_query:
                     delta, _, _, p = paired_test(*aligned(per_query, task, split, learned, free))
-                    entry[f"Δ {label} (p)"] = f"{delta:+.4f} ({format_p(p)})" + ("*" if p < ALPHA else "")
+                    entry[f"Δ {label} (p)"] = format_test(delta, p)
                     wins.append(delta > 0 and p < ALPHA)
                 else:
                     entry[f"Δ {label} (p)"] = "no per-query scores"
@@ -638,7 +648,7 @@ def searchable(model: ModelResults) -> pd.DataFrame:
 def best_per_budget(models: list[ModelResults], bits=BUDGET_BITS) -> dict[float, list[str | None]]:
     """Bits per dimension -> each model's best row within that many bytes at its own dimension (`best_within` over
     `searchable` rows), None where nothing fits."""
-    return {b: [best_within(searchable(model), budgets_for(model.dim, (b,))[0]) for model in models] for b in bits}
+    return {b: [best_within(searchable(model), budget_bytes(model.dim, b)) for model in models] for b in bits}
 
 
 def budget_lines(models: list[ModelResults], winners: dict[float, list[str | None]]) -> list[str]:
@@ -648,7 +658,7 @@ def budget_lines(models: list[ModelResults], winners: dict[float, list[str | Non
     for bits, best in winners.items():
         entry = {"bits/dim": format_bits(bits)}
         for model, row in zip(models, best):
-            entry[f"{model.label}: budget"] = f"{budgets_for(model.dim, (bits,))[0]:,} B"
+            entry[f"{model.label}: budget"] = f"{budget_bytes(model.dim, bits):,} B"
             entry[f"{model.label}: best row"] = row or "nothing fits"
             entry[f"{model.label}: retention"] = "" if row is None else format_cell(model.table.retention[row], ".1%")
         entry["same row"] = "—" if None in best else "yes" if len(set(best)) == 1 else "no"
@@ -668,7 +678,7 @@ def goal_lines_by_model(models: list[ModelResults], goals=GOALS) -> list[str]:
     for i, (bits, _, mode) in enumerate(goals):
         entry = {"bits/dim": format_bits(bits) + (f", {mode}" if mode else ""), "goal": results[0][i]["goal"]}
         for model, result in zip(models, results):
-            entry[f"{model.label}: budget"] = result[i]["budget"].split(" (")[0] if mode is None else "any bytes"
+            entry[f"{model.label}: budget"] = result[i]["bytes"]
             entry[f"{model.label}: best row"] = result[i]["best row"]
             entry[f"{model.label}: measured"] = result[i]["measured"]
             entry[model.label] = result[i]["verdict"]
@@ -716,7 +726,7 @@ def paired_cell(model: ModelResults, label: str, row: str, other: str) -> str:
     if (*key, row) not in model.per_query or (*key, other) not in model.per_query:
         return "no per-query scores"
     delta, _, _, p = paired_test(*aligned(model.per_query, *key, row, other))
-    return f"{delta:+.4f} ({format_p(p)})" + ("*" if p < ALPHA else "")
+    return format_test(delta, p)
 
 
 def difference_lines(models: list[ModelResults], winners: dict[float, list[str | None]]) -> list[str]:
@@ -755,7 +765,7 @@ def across_models_cell(models: list[ModelResults], rows: list[str], label: str, 
     if set(a.index) != set(b.index):
         return "different queries"
     delta, _, _, p = paired_test(b.to_numpy(), a.reindex(b.index).to_numpy())
-    return f"{delta:+.4f} ({format_p(p)})" + ("*" if p < ALPHA else "")
+    return format_test(delta, p)
 
 
 def same_bytes_lines(models: list[ModelResults], bits=BUDGET_BITS) -> list[str]:
