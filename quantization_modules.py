@@ -472,7 +472,7 @@ def run(args) -> None:
         settings = {"method": name, "temperature": args.temperature, "loss": [sim_weight, contrastive_weight],
                     "activation": args.activation, "epochs": args.epochs, "lr": lr, "batch_size": args.batch_size,
                     "random_inits": args.random_inits}
-        if previous := kept(name, made_with(settings)):
+        if previous := kept(name, fingerprint := made_with(settings)):
             to_save.append((staged, path))
             print(f"{name}: kept from an interrupted run ({staged}; init {previous[1]['initialisation']})")
             continue
@@ -490,7 +490,7 @@ def run(args) -> None:
             "quantizer": type(quantizer).__name__, "initialisation": init, "temperature": str(args.temperature),
             "loss": f"{sim_weight} * similarity_preservation + {contrastive_weight} * info_nce(t={NCE_TEMPERATURE})",
             "activation": args.activation, "epochs": str(args.epochs), "lr": str(lr), "batch_size": str(args.batch_size),
-            "validation_ndcg_at_10": scores, "made_with": made_with(settings)})
+            "validation_ndcg_at_10": scores, "made_with": fingerprint})
         to_save.append((staged, path))
         print(f"{name}: chose init {init} (validation mean nDCG@10 {scores[init]['mean']:.4f}); "
               f"{len(scores)} candidates trained in {time.time() - start:.1f}s")
