@@ -441,9 +441,11 @@ def run(args) -> None:
 
     # every method that applies at this dimension; one that cannot, or whose fit fails, is one line and the rest go on
     to_save = []  # (staged, final path): moved together at the end, so an interrupted run leaves the old set whole
-    for name in args.methods:
+    bar = tqdm(args.methods, desc="methods", unit=" methods")  # a fit can take minutes (OPQ): the bar names the method
+    for name in bar:
+        bar.set_postfix_str(name)
         if reason := methods.applies(name, dim):
-            print(f"{name}: skipped, it does not apply at dimension {dim} ({reason})")
+            tqdm.write(f"{name}: skipped, it does not apply at dimension {dim} ({reason})")
             continue
         start, method = time.time(), methods.make_method(name, dim)
         staged, path = staging / f"{name}.safetensors", checkpoint_path(args.out, args.model, name, args.protocol)
@@ -457,15 +459,15 @@ def run(args) -> None:
                 try:
                     method.fit(embeddings)
                 except RuntimeError as e:  # faiss: e.g. fewer fitting texts than k-means centroids or PCA components
-                    print(f"{name}: skipped, cannot be fitted on {len(embeddings):,} texts ({str(e).splitlines()[0].split('failed: ')[-1]})")
+                    tqdm.write(f"{name}: skipped, cannot be fitted on {len(embeddings):,} texts ({str(e).splitlines()[0].split('failed: ')[-1]})")
                     continue
                 save_checkpoint(staged, method.state(), meta | {"fitted_on": f"{len(embeddings):,} fitting texts",
                                                                 "made_with": fingerprint})
                 how = f"fitted on {len(embeddings):,} texts in {time.time() - start:.1f}s"
             to_save.append((staged, path))
             mode = next(iter(methods.modes_of(name, dim)))
-            print(f"{name}: {how}; validation nDCG@10 ({mode}) "
-                  + "  ".join(f"{t} {v:.4f}" for t, v in validate(method, mode).items()))
+            tqdm.write(f"{name}: {how}; validation nDCG@10 ({mode}) "
+                       + "  ".join(f"{t} {v:.4f}" for t, v in validate(method, mode).items()))
             continue
         sim_weight, contrastive_weight = weights[name]
         lr = args.lr or methods.entry(name).lr or LR
@@ -474,9 +476,9 @@ def run(args) -> None:
                     "random_inits": args.random_inits}
         if previous := kept(name, fingerprint := made_with(settings)):
             to_save.append((staged, path))
-            print(f"{name}: kept from an interrupted run ({staged}; init {previous[1]['initialisation']})")
+            tqdm.write(f"{name}: kept from an interrupted run ({staged}; init {previous[1]['initialisation']})")
             continue
-        print(f"{name}: loss {sim_weight} * similarity_preservation + {contrastive_weight} * info_nce")
+        tqdm.write(f"{name}: loss {sim_weight} * similarity_preservation + {contrastive_weight} * info_nce")
 
         def validate_quantizer(quantizer, method=method, name=name):
             method.load_state(quantizer.export(embeddings), Path(f"<{name} in training>"))
@@ -492,8 +494,8 @@ def run(args) -> None:
             "activation": args.activation, "epochs": str(args.epochs), "lr": str(lr), "batch_size": str(args.batch_size),
             "validation_ndcg_at_10": scores, "made_with": fingerprint})
         to_save.append((staged, path))
-        print(f"{name}: chose init {init} (validation mean nDCG@10 {scores[init]['mean']:.4f}); "
-              f"{len(scores)} candidates trained in {time.time() - start:.1f}s")
+        tqdm.write(f"{name}: chose init {init} (validation mean nDCG@10 {scores[init]['mean']:.4f}); "
+                   f"{len(scores)} candidates trained in {time.time() - start:.1f}s")
     ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the set is written whole: Ctrl-C waits the milliseconds
     try:
         for staged, path in to_save:

@@ -254,6 +254,12 @@ def evaluate(*args) -> str:
 
 
 PROGRESS_BAR = re.compile(r"^[^|]*: *\d+%\|")  # a tqdm line: "rows:  17%|█▋        | 1/6 [00:00<00:01, 4.44 rows/s]"
+CURSOR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal cursor moves: tqdm's nested bars clear a line with them
+
+
+def text_lines(stream: str) -> list[str]:
+    """The lines a user reads in `stream`: progress bars, and lines of blanks and cursor moves alone, left out."""
+    return [line for line in stream.splitlines() if CURSOR.sub("", line).strip() and not PROGRESS_BAR.match(line)]
 
 
 def interrupt(script: str, args: list, marker: bytes, stream: str = "stdout", env: dict | None = None) -> tuple[int, list[str]]:
@@ -275,7 +281,7 @@ def interrupt(script: str, args: list, marker: bytes, stream: str = "stdout", en
     finally:
         process.kill()  # only if it is still running
     stderr = ((seen if stream == "stderr" else b"") + stderr).decode()
-    return process.returncode, [line for line in stderr.splitlines() if line.strip() and not PROGRESS_BAR.match(line)]
+    return process.returncode, text_lines(stderr)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import data as data_module
 import methods
 import mteb_adapter
 import quantization_modules as qm
-from conftest import FITTING_PAIRS, PROGRESS_BAR, ROOT, TINY_DOCS, interrupt
+from conftest import FITTING_PAIRS, ROOT, TINY_DOCS, interrupt, text_lines
 from encoders import DEFAULT_MODEL, model_slug
 
 pytestmark = pytest.mark.usefixtures("faiss_one_thread")
@@ -478,7 +478,7 @@ def test_too_few_fitting_texts_for_a_codebook_is_one_line_and_the_other_methods_
     assert [line for line in out.splitlines() if line.startswith("pq1b")] == [
         "pq1b: skipped, cannot be fitted on 100 texts (Number of training points (100) should be at least as large as "
         "number of clusters (256))"]
-    assert not [line for line in err.splitlines() if line.strip() and not PROGRESS_BAR.match(line)]  # no traceback
+    assert not text_lines(err)  # no traceback
     written = sorted(p.name for p in (tmp_path / "ck").rglob("*.safetensors"))
     assert written == ["int8.safetensors"] and "wrote 1 checkpoints" in out
 
@@ -558,7 +558,7 @@ def test_an_interrupted_training_run_leaves_the_previous_checkpoints_byte_identi
     assert exit_info.value.code == 130 and trained == ["QuantizationModuleStage1", "QuantizationModuleStage2"]
     out, err = capsys.readouterr()
     assert "int8: fitted on " in out and "stage1_trained: chose init " in out  # they were made, then not written
-    assert [line for line in err.splitlines() if line.strip() and not PROGRESS_BAR.match(line)] == [INTERRUPTED]
+    assert text_lines(err) == [INTERRUPTED]
     assert files_under(tmp_path / "ck") == previous
 
 
