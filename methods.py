@@ -1,55 +1,83 @@
 """The methods: every way to store an embedding and search it, and the registry `METHODS` that declares them.
 
-A registry entry is a declaration, read without building anything: its family (the class that builds it), its
-settings as a function of the embedding dimension d, what it is fitted on (nothing, the fitting texts, or training by
-quantization_modules.py) and whether it is learned. A family is a small class with one protocol, which the
-evaluation, the training command, `load_encoder` and the benchmark use without knowing which family it is:
+Read top to bottom: the search modes (one table) -> helpers -> the families, from the simplest -> the registry ->
+the search backend every command uses (MethodIndex).
 
-    modes(settings)             search modes, mode -> row-name suffix; the first is the method's own search
-    row_bytes(d, mode, ...)     bytes per document a row of that mode stores and reads (static: nothing is built)
-    describe(d, ...)            what it is at dimension d ("PQ48 x 8 bits"), for the report
-    applies(d, ...)             None, or why it cannot be used at dimension d (the row is skipped with that line)
-    fit(x) / state() / load_state(tensors, path)    for methods fitted on texts or trained
-    encode(x, mode) -> codes, decode(codes, mode)   what it stores per vector, and the floats it stands for
-    store(codes, mode) -> stored                    what a row keeps, from the documents' codes (faiss index or array)
-    build(docs, mode, rescorer) -> stored           the same from float documents (+ the re-ranking store)
-    search(stored, queries, top_k, mode, rescore_k) -> (scores, ids), best first
+A registry entry is a declaration, read without building anything: its family (the class that builds it), the
+family's settings at embedding dimension d (one frozen dataclass per family), what it is fitted on (nothing, the
+fitting texts, or training by quantization_modules.py, whose quantiser class it names). A family is a subclass of
+`Family`, whose abstract methods are the protocol the evaluation, the training command, the report, `load_encoder`
+and the benchmarks use without knowing which family it is: a family that leaves one out cannot be registered.
 
-Search modes, one name per computation (and what sentence-transformers and faiss call it):
-    exact         float query . float document (faiss IndexFlatIP)
-    sym           the query coded and decoded too, then . the decoded document
-    asym          float query . decoded document: faiss's asymmetric distance computation (ADC); for binary codes it
-                  is sentence-transformers' `semantic_search_faiss(rescore=True)` applied to every document
-    hamming       Hamming distance between the query's and the document's bit codes (faiss IndexBinaryFlat);
-                  sentence-transformers' `semantic_search_faiss(precision="ubinary")` without rescoring
-    rerank        the Hamming top-k re-ranked by float query . float document (the float documents are kept too);
-                  Qdrant and Elastic call it rescoring with oversampling
-    rerank_int8   the same with int8 documents (1 byte per dimension kept beside the bits)
-    qbN           RaBitQ with the query in N bits (faiss RaBitQSearchParameters(qb=N)); qb0: float query
+Add a method with an existing family: one line in METHODS, e.g. 2/3 of a bit per dimension by PQ (d/12
+sub-quantisers of 8 bits: 32 B at d = 384, 64 B at d = 768):
 
-Add a method with an existing family: one line in METHODS, e.g.
+    "pq0.67b": Entry(FaissCodes, lambda d: pq(d, d // 12), "texts"),
 
-    "pq32": Entry(FaissCodes, lambda d: faiss_codes(f"PQ{divisor(d, d // 12)}np", divisor(d, d // 12), "pq"), "texts"),
-
-then `python quantization_modules.py --methods pq32` fits it and the evaluation, the report and bench_search.py run
-it. A new family is one class with the protocol above.
+then `python quantization_modules.py --methods pq0.67b` fits it and the evaluation, the report and bench_search.py
+run it. A new family is one subclass of Family (Float is the smallest) with its settings dataclass.
 """
 
 import contextlib
+import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import faiss
 import numpy as np
 
 from data import UsageError
 
-RESCORE_K = 50  # first-stage candidates re-ranked in the +rerank rows
-RERANK_DEPTHS = (10, 20, 50, 100, 200)  # the depths the evaluation's depth table and bench_search.py try
-KEEPS_FLOAT = {"rerank"}  # modes that keep the float documents beside the codes
-SEARCH = ("hamming", "asym", "rerank", "rerank_int8")  # the modes of bit codes, the first their own search
+RERANK_K = 50  # first-stage candidates re-ranked in the +rerank and +rerank_int8 rows
+RERANK_DEPTHS = (10, 20, 50, 100, 200)  # extra +rerank_int8@k rows of the evaluation's depth table; bench_search's depths
 LSH_SEED = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# search modes: what a row of each computes, and what it keeps beside the method's codes
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A search mode. `computes`: what a row of this mode scores; `terms`: the same in sentence-transformers' and
+    faiss's words; `reranker`: the registry method whose stored documents re-rank the first stage's top k (kept beside
+    the codes, its bytes counted in the row's); `query_bits`: RaBitQ's query bits (faiss RaBitQSearchParameters.qb);
+    `marker`: the plot's."""
+
+    computes: str
+    terms: str
+    marker: str
+    reranker: str | None = None
+    query_bits: int | None = None
+
+
+MODES = {
+    "exact": Mode("float query . float document", "precision='float32'; faiss IndexFlatIP", "o"),
+    "sym": Mode("the query coded and decoded as the documents are, then . the decoded document",
+                "faiss sa_decode of both", "v"),
+    "asym": Mode("float query . decoded document", "faiss's asymmetric distance computation (ADC); for bit codes "
+                 "semantic_search_faiss(rescore=True) over every document", "^"),
+    "hamming": Mode("Hamming distance between the query's and the document's bit codes", "quantize_embeddings("
+                    "precision='ubinary') + semantic_search_faiss without rescoring; faiss IndexBinaryFlat", "s"),
+    "rerank": Mode("the Hamming top k re-ranked by float query . float document", "oversampling with rescoring "
+                   "(Qdrant, Elastic)", "D", reranker="float"),
+    "rerank_int8": Mode("the Hamming top k re-ranked by float query . int8 document", "the same with int8 documents "
+                        "kept beside the bits", "d", reranker="int8"),
+    "qb0": Mode("RaBitQ with the float query", "RaBitQSearchParameters(qb=0)", "o", query_bits=0),
+    "qb4": Mode("RaBitQ with the query in 4 bits", "RaBitQSearchParameters(qb=4)", "P", query_bits=4),
+    "qb8": Mode("RaBitQ with the query in 8 bits", "RaBitQSearchParameters(qb=8)", "X", query_bits=8),
+}
+MODE_NAMES = tuple(MODES)
+DEPTH_MODE = "rerank_int8"  # the mode whose depth k the evaluation sweeps: its extra "<row>@k" rows
+BIT_CODE_MODES = ("hamming", "asym", "rerank", "rerank_int8")  # threshold codes' modes, the first their own search
+FittedOn = Literal["nothing", "texts", "training"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
 
 
 @contextlib.contextmanager
@@ -103,15 +131,6 @@ def unpack_levels(packed: np.ndarray, levels: int, m: int) -> np.ndarray:
     return digits.reshape(len(packed), -1)[:, :m].astype(np.uint8)
 
 
-def best_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best columns of each row, best first; ties by the smaller column, as faiss and pytrec_eval order them."""
-    k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(np.arange(scores.shape[1]), (len(scores), 1))
-    order = np.lexsort((part, -np.take_along_axis(scores, part, 1)), axis=1)
-    ids = np.take_along_axis(part, order, 1)
-    return np.take_along_axis(scores, ids, 1), ids
-
-
 def rerank_search(binary_index, docs, queries: np.ndarray, query_codes: np.ndarray, k: int, top: int):
     """Hamming top-k from `binary_index`, re-ranked by float query . document. Returns (scores, ids), each (q, top).
 
@@ -156,100 +175,202 @@ def require(tensors: dict, names: list[str], path: Path) -> None:
         raise UsageError(f"{path} lacks {', '.join(missing)}")
 
 
+def random_rotation(d_in: int, d_out: int):
+    """faiss's seeded random rotation (LSH's projection): the same matrix on every machine."""
+    transform = faiss.RandomRotationMatrix(d_in, d_out)
+    with one_faiss_thread():  # also 0.03 s rather than 3.7 s when two OpenMP threads share two busy cores
+        transform.init(LSH_SEED)
+    return transform
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the family protocol
+
+
+class Family(ABC):
+    """What every family gives. The static methods describe a method from its settings at dimension d without
+    building it (the registry is read that way); the others run on a built method. A built method keeps its registry
+    `name`, its dimension and its settings."""
+
+    Settings: type  # the family's settings dataclass
+    DESCRIBED_BY_EACH = ("code_bytes", "describe", "label", "information_bits", "applies")  # never inherited
+
+    def __init_subclass__(cls, **kwargs):
+        """A family declares its own description: a parent's (a subclass of Float inheriting "float" and 32 bits)
+        would describe it wrongly without a word."""
+        super().__init_subclass__(**kwargs)
+        if missing := [name for name in cls.DESCRIBED_BY_EACH if name not in vars(cls)]:
+            raise TypeError(f"family {cls.__name__} must declare its own {', '.join(missing)}")
+
+    def __init__(self, name: str, dim: int, settings):
+        if not isinstance(settings, self.Settings):
+            raise TypeError(f"{name}: {type(self).__name__} takes {self.Settings.__name__}, not {type(settings).__name__}")
+        self.name, self.dim, self.settings = name, dim, settings
+
+    @staticmethod
+    @abstractmethod
+    def modes(s) -> tuple[str, ...]:
+        """Its search modes (names of MODES), its own search first."""
+
+    @staticmethod
+    @abstractmethod
+    def code_bytes(d: int, mode: str, s) -> int:
+        """Bytes per document of the codes a row of `mode` stores (a re-ranking mode's documents are added by
+        row_bytes)."""
+
+    @staticmethod
+    @abstractmethod
+    def describe(d: int, s) -> str:
+        """What it is at dimension d ("faiss PQ48np"), for the report."""
+
+    @staticmethod
+    @abstractmethod
+    def label(s) -> str:
+        """Its family's name in the report (the plot's colours)."""
+
+    @staticmethod
+    @abstractmethod
+    def information_bits(d: int, s) -> float:
+        """Bits of information per embedding dimension (log2 of a threshold code's levels; a vector code's bits): the
+        report groups learned and training-free rows by it. Stored bits per dimension are 8 * row_bytes / d."""
+
+    @staticmethod
+    @abstractmethod
+    def applies(d: int, s) -> str | None:
+        """None, or why it cannot be used at dimension d (the row is skipped with that line)."""
+
+    @abstractmethod
+    def fit(self, x: np.ndarray) -> None:
+        """Learn from the fitting texts' float embeddings (a method fitted on nothing learns nothing)."""
+
+    @abstractmethod
+    def state(self) -> dict[str, np.ndarray]:
+        """What fit or training learned, as arrays for a safetensors checkpoint."""
+
+    @abstractmethod
+    def load_state(self, tensors: dict[str, np.ndarray], path: Path) -> None:
+        """Restore what fit learned; refuse (UsageError naming `path`) what cannot be it."""
+
+    @abstractmethod
+    def encode(self, x: np.ndarray, mode: str | None = None) -> np.ndarray:
+        """What it stores per vector in `mode` (default: its own search's)."""
+
+    @abstractmethod
+    def decode(self, codes: np.ndarray, mode: str | None = None) -> np.ndarray:
+        """The float vectors the codes stand for (what an asymmetric search compares the float query with)."""
+
+    @abstractmethod
+    def store(self, codes: np.ndarray, mode: str | None = None) -> dict:
+        """What a row keeps, from the documents' codes (a faiss index or arrays)."""
+
+    @abstractmethod
+    def search(self, stored: dict, queries: np.ndarray, top_k: int, mode: str, rerank_k: int = RERANK_K):
+        """(scores, ids) of the top_k documents per query, best first."""
+
+    def build(self, docs: np.ndarray, mode: str, reranker=None) -> dict:
+        """What a row of `mode` keeps for the float documents: the codes' store, and the re-ranker's documents."""
+        stored = self.store(self.encode(docs, mode), mode)
+        if reranker is not None:
+            stored |= {"rerank": reranker.encode(docs), "reranker": reranker}
+        return stored
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the families, from the simplest
 
 
-class Float:
+@dataclass(frozen=True)
+class FloatSettings:
+    """Float has nothing to set."""
+
+
+class Float(Family):
     """float32 embeddings, exact cosine: unit rows in faiss IndexFlatIP."""
 
-    def __init__(self, dim: int):
-        self.dim = dim
+    Settings = FloatSettings
 
     @staticmethod
-    def modes(**settings) -> dict[str, str]:
-        return {"exact": ""}
+    def modes(s) -> tuple[str, ...]:
+        return ("exact",)
 
     @staticmethod
-    def row_bytes(d: int, mode: str, **settings) -> int:
+    def code_bytes(d: int, mode: str, s) -> int:
         return 4 * d
 
     @staticmethod
-    def describe(d: int, **settings) -> str:
+    def describe(d: int, s) -> str:
         return f"{d} x float32"
 
     @staticmethod
-    def label(**settings) -> str:
-        """The family's name in the report and the plot's colours."""
+    def label(s) -> str:
         return "float"
 
     @staticmethod
-    def bits_per_dimension(d: int, **settings) -> float:
-        """Bits of the stored code per embedding dimension (the report groups rows by it)."""
+    def information_bits(d: int, s) -> float:
         return 32.0
 
     @staticmethod
-    def applies(d: int, **settings) -> str | None:
+    def applies(d: int, s) -> str | None:
         return None
 
     def fit(self, x: np.ndarray) -> None:
-        """Learn from the fitting texts' float embeddings (methods fitted on texts)."""
+        pass
 
     def state(self) -> dict[str, np.ndarray]:
-        """What fit learned, as arrays for a safetensors checkpoint."""
         return {}
 
-    def load_state(self, tensors: dict[str, np.ndarray], path: Path) -> None:
-        """Restore what fit learned; refuse (UsageError naming `path`) what cannot be it."""
+    def load_state(self, tensors: dict, path: Path) -> None:
+        pass
 
     def encode(self, x: np.ndarray, mode: str | None = None) -> np.ndarray:
-        """What the method stores per vector in `mode` (default: its own search's)."""
         return normalise(x)
 
     def decode(self, codes: np.ndarray, mode: str | None = None) -> np.ndarray:
-        """The float vectors the codes stand for (what an asymmetric search compares the float query with)."""
         return np.asarray(codes, dtype=np.float32)
 
     def store(self, codes: np.ndarray, mode: str | None = None) -> dict:
-        """What a row keeps, from the documents' codes: here a faiss index over them."""
         index = faiss.IndexFlatIP(codes.shape[1])
         index.add(np.ascontiguousarray(codes, dtype=np.float32))
         return {"index": index}
 
-    def build(self, docs: np.ndarray, mode: str, rescorer=None) -> dict:
-        """What a row of `mode` keeps for the documents (`rescorer`: the int8 method of rerank_int8 rows)."""
-        return self.store(self.encode(docs, mode), mode)
-
-    def search(self, stored: dict, queries: np.ndarray, top_k: int, mode: str, rescore_k: int = RESCORE_K):
+    def search(self, stored: dict, queries: np.ndarray, top_k: int, mode: str, rerank_k: int = RERANK_K):
         return stored["index"].search(self.encode(queries), top_k)
 
 
+@dataclass(frozen=True)
+class PCASettings:
+    k: int  # principal components kept
+
+
 class PCA(Float):
-    """float32 projection on the top `k` principal components of the fitting texts (faiss PCAMatrix), cosine."""
+    """float32 projection on the top `k` principal components of the fitting texts (faiss PCAMatrix), cosine. Searched
+    as Float searches its projections; every description its own."""
 
-    def __init__(self, dim: int, k: int):
-        super().__init__(dim)
-        self.transform = faiss.PCAMatrix(dim, k)
+    Settings = PCASettings
 
-    @staticmethod
-    def row_bytes(d: int, mode: str, k: int) -> int:
-        return 4 * k
-
-    @staticmethod
-    def describe(d: int, k: int) -> str:
-        return f"top {k} of {d} principal components x float32"
+    def __init__(self, name: str, dim: int, settings: PCASettings):
+        super().__init__(name, dim, settings)
+        self.transform = faiss.PCAMatrix(dim, settings.k)
 
     @staticmethod
-    def label(k: int) -> str:
+    def code_bytes(d: int, mode: str, s: PCASettings) -> int:
+        return 4 * s.k
+
+    @staticmethod
+    def describe(d: int, s: PCASettings) -> str:
+        return f"top {s.k} of {d} principal components x float32"
+
+    @staticmethod
+    def label(s: PCASettings) -> str:
         return "pca"
 
     @staticmethod
-    def bits_per_dimension(d: int, k: int) -> float:
-        return 32.0 * k / d
+    def information_bits(d: int, s: PCASettings) -> float:
+        return 32.0 * s.k / d
 
     @staticmethod
-    def applies(d: int, k: int) -> str | None:
-        return None if 0 < k <= d else f"{k} components from {d} dimensions"
+    def applies(d: int, s: PCASettings) -> str | None:
+        return None if 0 < s.k <= d else f"{s.k} components from {d} dimensions"
 
     def fit(self, x: np.ndarray) -> None:
         with one_faiss_thread():
@@ -260,25 +381,44 @@ class PCA(Float):
 
     def load_state(self, tensors: dict, path: Path) -> None:
         require(tensors, ["faiss_transform"], path)
-        self.transform = read_transform(tensors["faiss_transform"], path, self.dim, self.transform.d_out)
+        self.transform = read_transform(tensors["faiss_transform"], path, self.dim, self.settings.k)
 
     def encode(self, x: np.ndarray, mode: str | None = None) -> np.ndarray:
         return normalise(self.transform.apply(np.ascontiguousarray(x, dtype=np.float32)))
 
 
-class FaissCodes(Float):
+@dataclass(frozen=True)
+class FaissSettings:
+    """spec: faiss index_factory's; code_bytes: what faiss stores per vector (a test checks it against faiss's
+    sa_code_size); label: the report's family; modes: its search modes, its own first."""
+
+    spec: str
+    code_bytes: int
+    label: str
+    modes: tuple[str, ...] = ("asym",)
+
+
+def pq(d: int, m: int, bits: int = 8, opq: bool = False, fast_scan: bool = False) -> FaissSettings:
+    """faiss product quantisation of d dimensions: the count of sub-quantisers that divides d nearest `m` (an even one
+    for fast scan), `bits` per sub-quantiser code (np: no polysemous training, which only renumbers centroids for a
+    Hamming filter unused here); OPQ's learned rotation first if `opq`. No count divides d: code_bytes 0."""
+    m = divisor(d, m, 2 if fast_scan else 1)
+    code = f"PQ{m}x{bits}fs" if fast_scan else f"PQ{m}" + ("" if bits == 8 else f"x{bits}") + "np"
+    return FaissSettings(f"OPQ{m},{code}" if opq else code, -(-m * bits // 8), "pq")
+
+
+class FaissCodes(Family):
     """Documents stored as the codes of a faiss index made by `index_factory(spec)`: casts (SQfp16, SQbf16), scalar
     quantisation with per-dimension ranges fitted on the fitting texts (SQ8, SQ4), product quantisation (PQ, OPQ),
-    RaBitQ (1 to 9 bits per dimension plus per-vector factors). `code_bytes`: what faiss stores per vector (a test
-    checks it against faiss's code_size)."""
+    RaBitQ (1 to 9 bits per dimension plus per-vector factors)."""
 
-    def __init__(self, dim: int, spec: str, code_bytes: int, kind: str, modes: dict):
-        super().__init__(dim)
-        self.spec, self.kind, self.search_modes = spec, kind, modes
-        self.faiss_index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    Settings = FaissSettings
+
+    def __init__(self, name: str, dim: int, settings: FaissSettings):
+        super().__init__(name, dim, settings)
+        self.faiss_index = faiss.index_factory(dim, settings.spec, faiss.METRIC_INNER_PRODUCT)
         inner = self.inner(self.faiss_index)
-        if isinstance(inner, faiss.IndexPQ):  # polysemous training only renumbers centroids (for Hamming filtering,
-            inner.do_polysemous_training = False  # unused here): ~2.5 s per sub-quantiser, the same search
+        if isinstance(inner, faiss.IndexPQ):
             inner.pq.cp.min_points_per_centroid = 1  # only silences a warning per sub-quantiser (10-bit codes on 22k
             #                                          texts); the training command prints how many texts it fits on
 
@@ -287,31 +427,31 @@ class FaissCodes(Float):
         return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
 
     @staticmethod
-    def modes(spec: str, code_bytes: int, kind: str, modes: dict) -> dict[str, str]:
-        return modes
+    def modes(s: FaissSettings) -> tuple[str, ...]:
+        return s.modes
 
     @staticmethod
-    def row_bytes(d: int, mode: str, spec: str, code_bytes: int, kind: str, modes: dict) -> int:
-        return code_bytes
+    def code_bytes(d: int, mode: str, s: FaissSettings) -> int:
+        return s.code_bytes
 
     @staticmethod
-    def describe(d: int, spec: str, code_bytes: int, kind: str, modes: dict) -> str:
-        return f"faiss {spec}"
+    def describe(d: int, s: FaissSettings) -> str:
+        return f"faiss {s.spec}"
 
     @staticmethod
-    def label(spec: str, code_bytes: int, kind: str, modes: dict) -> str:
-        return kind
+    def label(s: FaissSettings) -> str:
+        return s.label
 
     @staticmethod
-    def bits_per_dimension(d: int, spec: str, code_bytes: int, kind: str, modes: dict) -> float:
-        return 8.0 * code_bytes / d
+    def information_bits(d: int, s: FaissSettings) -> float:
+        return 8.0 * s.code_bytes / d
 
     @staticmethod
-    def applies(d: int, spec: str, code_bytes: int, kind: str, modes: dict) -> str | None:
-        return None if code_bytes > 0 else f"no sub-quantiser count of {spec} divides {d}"
+    def applies(d: int, s: FaissSettings) -> str | None:
+        return None if s.code_bytes > 0 else f"no sub-quantiser count of {s.spec} divides {d}"
 
     def fit(self, x: np.ndarray) -> None:
-        if self.spec.startswith("OPQ") and len(x) < self.dim:  # faiss 1.15 crashes the process (seen at d = 1,024)
+        if self.settings.spec.startswith("OPQ") and len(x) < self.dim:  # faiss 1.15 crashes the process (seen at d = 1,024)
             raise RuntimeError(f"failed: OPQ needs at least {self.dim:,} fitting texts, one per dimension")
         with one_faiss_thread():
             self.faiss_index.train(np.ascontiguousarray(x, dtype=np.float32))
@@ -327,9 +467,9 @@ class FaissCodes(Float):
             raise UsageError(f"{path} does not hold a faiss index ({str(e).splitlines()[0]})") from None
         if index.d != self.dim or index.sa_code_size() != self.faiss_index.sa_code_size() or not index.is_trained:
             raise UsageError(f"{path} holds a faiss index of dimension {index.d} and {index.sa_code_size()} bytes, "
-                             f"not a trained {self.spec} of dimension {self.dim}")
+                             f"not a trained {self.settings.spec} of dimension {self.dim}")
         probe = index.sa_decode(index.sa_encode(np.eye(self.dim, dtype=np.float32)))
-        if self.kind == "pq":  # the probe's codes may miss a bad centroid: decode every centroid of every sub-quantiser
+        if self.settings.label == "pq":  # the probe's codes may miss a bad centroid: decode every centroid of each
             probe = index.sa_decode(np.repeat(np.arange(256, dtype=np.uint8)[:, None], index.sa_code_size(), axis=1))
         if not np.isfinite(probe).all():
             raise UsageError(f"{path}: the faiss index decodes to non-finite values")
@@ -348,119 +488,125 @@ class FaissCodes(Float):
         index.ntotal = inner.ntotal  # (fast-scan indexes take float vectors only: build adds the documents)
         return {"index": index}
 
-    def build(self, docs: np.ndarray, mode: str, rescorer=None) -> dict:
+    def build(self, docs: np.ndarray, mode: str, reranker=None) -> dict:
         index = faiss.deserialize_index(faiss.serialize_index(self.faiss_index))  # a copy of the trained, empty index
         index.add(np.ascontiguousarray(docs, dtype=np.float32))  # stores the codes encode() gives (fast-scan too)
         return {"index": index}
 
-    def search(self, stored: dict, queries: np.ndarray, top_k: int, mode: str, rescore_k: int = RESCORE_K):
+    def search(self, stored: dict, queries: np.ndarray, top_k: int, mode: str, rerank_k: int = RERANK_K):
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if mode == "sym":
             queries = self.decode(self.encode(queries))
-        params = faiss.RaBitQSearchParameters(qb=int(mode[2:])) if mode.startswith("qb") else None
+        bits = MODES[mode].query_bits
+        params = None if bits is None else faiss.RaBitQSearchParameters(qb=bits)
         return stored["index"].search(queries, top_k, params=params)
 
 
-class ThresholdCodes(Float):
-    """Each dimension (after an optional transform) cut into `levels` levels by levels - 1 thresholds; the level is
-    the number of thresholds the value is above (strictly: a value on a threshold is below it, as sentence-
-    transformers' `> 0`). Two levels with zero thresholds are sign bits.
+@dataclass(frozen=True)
+class ThresholdSettings:
+    """levels: per dimension (2: bits); thresholds: "zero", "quantile" (the i/levels quantiles of the fitting texts),
+    "lloyd" (Lloyd-Max: 1-D k-means per dimension) or "learned" (by quantization_modules.py); transform: None, "lsh"
+    (faiss's seeded random rotation to `out` dimensions), "pca" (the top `out` principal components) or "first" (the
+    first `out` dimensions); rotation: a learned rotation before the thresholds; modes: its search modes, its own
+    first; groups: a hybrid allocation ((count, levels), ...), the first `count` dimensions at that many levels, the
+    next group the next ones (after PCA, the most variant components get the most levels)."""
+
+    levels: int = 2
+    thresholds: str = "zero"
+    transform: str | None = None
+    out: int | None = None
+    rotation: bool = False
+    modes: tuple[str, ...] = BIT_CODE_MODES
+    groups: tuple[tuple[int, int], ...] | None = None
+
+    def level_groups(self, d: int) -> tuple[tuple[int, int], ...]:
+        """((count, levels), ...) in order: `groups` without empty ones, or all `out` (default d) dimensions at `levels`."""
+        return tuple((c, k) for c, k in self.groups if c > 0) if self.groups else ((self.out or d, self.levels),)
+
+    def dims(self, d: int) -> int:
+        """The dimensions the thresholds cut (after the transform)."""
+        return sum(c for c, _ in self.level_groups(d))
+
+
+class ThresholdCodes(Family):
+    """Each dimension (after an optional transform) cut into levels by thresholds; the level is the number of
+    thresholds the value is above (strictly: a value on a threshold is below it, as sentence-transformers' `> 0`). Two
+    levels with zero thresholds are sign bits.
 
     Stored for Hamming search as thermometer codes (level l of k: k - 1 bits, l of them set, so the Hamming distance is
     the L1 distance between levels), packed with np.packbits; for asym as packed levels (base k, `pack_levels`),
     searched by faiss's ADC: each code byte indexes a table of its dimensions' reconstruction values, which is a
-    product quantiser's codebook (`adc_index`). `pairs` (2 levels only, Stage 2): the first half of the dimensions one
-    bit each, the second half in pairs (a, a+1) OR-ed into one bit.
+    product quantiser's codebook (`adc_index`). decode: the level's reconstruction value; for two levels +-1 (the
+    Hamming geometry), for more the mean of the fitting texts in that level. A dimension with fewer levels than the
+    most (a hybrid's) has its unused thresholds at +inf (no value is above them)."""
 
-    transform: None, "lsh" (faiss's seeded random rotation to `out` dimensions), "pca" (the top `out` principal
-    components of the fitting texts) or "first" (the first `out` dimensions). thresholds: "zero", "quantile" (at the
-    i/k quantiles of the fitting texts), "lloyd" (1-D k-means per dimension, Lloyd-Max) or "learned" (trained by
-    quantization_modules.py, with a learned rotation if `rotation`). decode: the level's reconstruction value; for two
-    levels +-1 (the Hamming geometry), for more the mean of the fitting texts in that level.
+    Settings = ThresholdSettings
 
-    groups: a hybrid allocation, ((count, levels), ...): the first `count` dimensions get that many levels, the next
-    group the next ones (after PCA: the most variant components get the most levels). A dimension with fewer levels
-    than the most has its unused thresholds at +inf (no value is above them)."""
-
-    def __init__(self, dim: int, levels: int = 2, thresholds: str = "zero", transform: str | None = None,
-                 out: int | None = None, pairs: bool = False, rotation: bool = False, search: tuple = SEARCH,
-                 groups: tuple | None = None):
-        super().__init__(dim)
-        self.groups = level_groups(dim, levels, out, groups)
-        self.levels, self.out = max(k for _, k in self.groups), sum(c for c, _ in self.groups)
-        self.kind, self.pairs, self.rotation, self.search_modes = thresholds, pairs, rotation, search
+    def __init__(self, name: str, dim: int, settings: ThresholdSettings):
+        super().__init__(name, dim, settings)
+        s = settings
+        self.groups = s.level_groups(dim)
+        self.levels, self.out = max(k for _, k in self.groups), s.dims(dim)
+        self.rule, self.search_modes = s.thresholds, s.modes
         self.transform = {None: lambda: None, "first": lambda: None, "pca": lambda: faiss.PCAMatrix(dim, self.out),
-                          "lsh": lambda: random_rotation(dim, self.out)}[transform]()
+                          "lsh": lambda: random_rotation(dim, self.out)}[s.transform]()
         self.counts = np.concatenate([np.full(c, k) for c, k in self.groups])  # levels per dimension
         self.thresholds = np.where(self.used_thresholds, 0.0, np.inf).astype(np.float32)
         self.recon = np.where(np.arange(self.levels) < self.counts[:, None],  # until fitted: the thermometer code's
                               2 * np.arange(self.levels) - (self.counts[:, None] - 1), 0).astype(np.float32)  # +-1 bits summed
-        self.matrix = np.eye(self.out, dtype=np.float32) if rotation else None  # the learned rotation
+        self.matrix = np.eye(self.out, dtype=np.float32) if s.rotation else None  # the learned rotation
 
     @staticmethod
-    def modes(search: tuple = SEARCH, **settings) -> dict[str, str]:
-        return {mode: "" if i == 0 else f"+{mode}" for i, mode in enumerate(search)}
+    def modes(s: ThresholdSettings) -> tuple[str, ...]:
+        return s.modes
 
     @staticmethod
-    def code_bits(d: int, levels: int = 2, out: int | None = None, pairs: bool = False, groups: tuple | None = None,
-                  **settings) -> int:
-        out = out or d
-        return out // 2 + out // 4 if pairs else sum(c * (k - 1) for c, k in level_groups(d, levels, out, groups))
+    def code_bits(d: int, s: ThresholdSettings) -> int:
+        """Bits of the thermometer code: levels - 1 per dimension."""
+        return sum(c * (k - 1) for c, k in s.level_groups(d))
 
     @staticmethod
-    def row_bytes(d: int, mode: str, levels: int = 2, out: int | None = None, pairs: bool = False,
-                  groups: tuple | None = None, **settings) -> int:
-        if mode == "asym" and not pairs:
-            return sum(-(-c // levels_per_byte(k)) for c, k in level_groups(d, levels, out, groups))
-        code = -(-ThresholdCodes.code_bits(d, levels, out, pairs, groups) // 8)
-        return code + {"rerank": 4 * d, "rerank_int8": d}.get(mode, 0)
+    def code_bytes(d: int, mode: str, s: ThresholdSettings) -> int:
+        if mode == "asym":
+            return sum(-(-c // levels_per_byte(k)) for c, k in s.level_groups(d))
+        return -(-ThresholdCodes.code_bits(d, s) // 8)
 
     @staticmethod
-    def describe(d: int, levels: int = 2, thresholds: str = "zero", transform: str | None = None,
-                 out: int | None = None, pairs: bool = False, rotation: bool = False, search: tuple = SEARCH,
-                 groups: tuple | None = None) -> str:
-        groups = level_groups(d, levels, out, groups)
-        out = sum(c for c, _ in groups)
+    def describe(d: int, s: ThresholdSettings) -> str:
+        groups, out = s.level_groups(d), s.dims(d)
         what = {None: f"{d} dimensions", "pca": f"top {out} of {d} principal components",
-                "lsh": f"random rotation {d} -> {out}", "first": f"first {out} of {d} dimensions"}[transform]
-        bits = ThresholdCodes.code_bits(d, levels, out, pairs, groups)
+                "lsh": f"random rotation {d} -> {out}", "first": f"first {out} of {d} dimensions"}[s.transform]
+        bits = ThresholdCodes.code_bits(d, s)
         if len(groups) > 1:
-            per = ThresholdCodes.bits_per_dimension(d, levels, out, pairs, groups)
+            per = ThresholdCodes.information_bits(d, s)
             how = " + ".join(f"{c} x {k}" for c, k in groups) + f" levels ({per:.4g} bits per dimension), {bits}-bit thermometer code"
-        elif levels == 2:
-            how = ("Stage 2 pairs, " if pairs else "") + f"{bits} bits"
-        elif search[0] == "asym":
-            how = f"{levels} levels ({np.log2(levels):.3g} bits) per dimension"
+        elif s.levels == 2:
+            how = f"{bits} bits"
+        elif s.modes[0] == "asym":
+            how = f"{s.levels} levels ({np.log2(s.levels):.3g} bits) per dimension"
         else:
-            how = f"{levels} levels, {bits}-bit thermometer code"
-        return f"{what}, {thresholds} thresholds{' after a learned rotation' if rotation else ''}, {how}"
+            how = f"{s.levels} levels, {bits}-bit thermometer code"
+        return f"{what}, {s.thresholds} thresholds{' after a learned rotation' if s.rotation else ''}, {how}"
 
     @staticmethod
-    def label(levels: int = 2, groups: tuple | None = None, **settings) -> str:
-        return "binary" if levels == 2 and not groups else "multi-level"
+    def label(s: ThresholdSettings) -> str:
+        return "binary" if s.levels == 2 and not s.groups else "multi-level"
 
     @staticmethod
-    def bits_per_dimension(d: int, levels: int = 2, out: int | None = None, pairs: bool = False,
-                           groups: tuple | None = None, **settings) -> float:
-        """Information bits (log2 of the levels) per embedding dimension: 1 for sign bits, 0.75 for Stage 2 or 288 of
-        384 PCA components, 1.5 for three levels (rounded: log2 3 = 1.58), 2 for four."""
+    def information_bits(d: int, s: ThresholdSettings) -> float:
+        """log2 of the levels per embedding dimension: 1 for sign bits, 0.75 for 288 of 384 PCA components, 1.5 for
+        three levels (rounded: log2 3 = 1.58), 2 for four."""
         per = lambda k: {2: 1.0, 3: 1.5}.get(k, float(np.log2(k)))  # noqa: E731
-        total = sum(c * per(k) for c, k in level_groups(d, levels, out, groups))
-        return round((0.75 if pairs else 1.0) * total / d, 3)
+        return round(sum(c * per(k) for c, k in s.level_groups(d)) / d, 3)
 
     @staticmethod
-    def applies(d: int, levels: int = 2, out: int | None = None, pairs: bool = False, transform: str | None = None,
-                groups: tuple | None = None, **settings) -> str | None:
-        out = sum(c for c, _ in level_groups(d, levels, out, groups))
-        if pairs and out % 4:
-            return f"Stage 2 pairs need a dimension divisible by 4, not {out}"
-        if transform in ("pca", "first") and not 0 < out <= d:
-            return f"{out} components from {d} dimensions"
-        return None
+    def applies(d: int, s: ThresholdSettings) -> str | None:
+        out = s.dims(d)
+        return f"{out} components from {d} dimensions" if s.transform in ("pca", "first") and not 0 < out <= d else None
 
     @property
     def code_bits_per_vector(self) -> int:
-        return self.code_bits(self.dim, self.levels, self.out, self.pairs, self.groups)
+        return self.code_bits(self.dim, self.settings)
 
     @property
     def used_thresholds(self) -> np.ndarray:
@@ -490,23 +636,24 @@ class ThresholdCodes(Float):
                 self.transform.train(np.ascontiguousarray(x, dtype=np.float32))
         v = self.values(x)
         for k, dims, _ in self.spans():
-            if self.kind == "quantile":
+            if self.rule == "quantile":
                 self.thresholds[dims, : k - 1] = np.quantile(v[:, dims], np.arange(1, k) / k, axis=0).T
-            elif self.kind == "lloyd":
+            elif self.rule == "lloyd":
                 self.thresholds[dims, : k - 1] = lloyd_max(v[:, dims], k)
             if self.levels > 2:
                 self.recon[dims, :k] = bin_means(v[:, dims], self.thresholds[dims, : k - 1])
 
     def state(self) -> dict[str, np.ndarray]:
         state = {"thresholds": self.thresholds, "recon": self.recon}
-        if self.transform is not None and isinstance(self.transform, faiss.PCAMatrix):
+        if isinstance(self.transform, faiss.PCAMatrix):
             state["faiss_transform"] = transform_bytes(self.transform)
         if self.matrix is not None:
             state["rotation"] = self.matrix
         return state
 
     def load_state(self, tensors: dict, path: Path) -> None:
-        require(tensors, ["thresholds", "recon"] + (["rotation"] if self.rotation else []), path)
+        rotation = self.settings.rotation
+        require(tensors, ["thresholds", "recon"] + (["rotation"] if rotation else []), path)
         want = {"thresholds": (self.out, self.levels - 1), "recon": (self.out, self.levels), "rotation": (self.out, self.out)}
         for name, array in tensors.items():
             if name in want and tuple(array.shape) != want[name]:
@@ -518,7 +665,7 @@ class ThresholdCodes(Float):
                 raise UsageError(f"{path}: {name} holds {int((~np.isfinite(array[used[name]])).sum())} non-finite values")
         if not (tensors["thresholds"][~used["thresholds"]] == np.inf).all():
             raise UsageError(f"{path}: a threshold beyond a dimension's {self.groups} levels is not +inf")
-        if self.rotation:
+        if rotation:
             error = np.abs(tensors["rotation"] @ tensors["rotation"].T - np.eye(self.out)).max()
             if error > 1e-3:
                 raise UsageError(f"{path}: the rotation is not orthogonal (|R R^T - I| reaches {error:.3g})")
@@ -534,16 +681,12 @@ class ThresholdCodes(Float):
         return levels_of(self.values(x), self.thresholds)
 
     def bits(self, x: np.ndarray) -> np.ndarray:
-        """The bit code (n, code_bits): thermometer bits per dimension (k - 1 for k levels); Stage 2 pairs OR-ed."""
-        levels = self.quantize(x)
-        if self.pairs:
-            half = self.out // 2
-            return np.concatenate([levels[:, :half], levels[:, half::2] | levels[:, half + 1 :: 2]], axis=1).astype(bool)
-        return (levels[:, :, None] > np.arange(self.levels - 1))[:, self.used_thresholds]
+        """The bit code (n, code_bits): thermometer bits per dimension (k - 1 for k levels)."""
+        return (self.quantize(x)[:, :, None] > np.arange(self.levels - 1))[:, self.used_thresholds]
 
     def packs_levels(self, mode: str | None) -> bool:
         """Whether `mode` stores packed levels (asym, and a method searched by asym only) rather than bit codes."""
-        return (mode or self.search_modes[0]) == "asym" and not self.pairs
+        return (mode or self.search_modes[0]) == "asym"
 
     def encode(self, x: np.ndarray, mode: str | None = None) -> np.ndarray:
         """Packed levels for asym rows (a group at a time), packed bit codes (np.packbits) for the others."""
@@ -553,24 +696,19 @@ class ThresholdCodes(Float):
         return np.concatenate([pack_levels(levels[:, dims], k) for k, dims, _ in self.spans()], axis=1)
 
     def decode(self, codes: np.ndarray, mode: str | None = None) -> np.ndarray:
-        """Codes -> each level's reconstruction value (n, out); a Stage 2 code's bits as +-1 (n, code bits)."""
+        """Codes -> each level's reconstruction value (n, out)."""
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         if self.packs_levels(mode):
             levels = np.concatenate([unpack_levels(codes[:, nbytes], k, dims.stop - dims.start)
                                      for k, dims, nbytes in self.spans()], axis=1)
         else:
             bits = np.unpackbits(codes, axis=1)[:, : self.code_bits_per_vector]
-            if self.pairs:
-                return 2 * bits.astype(np.float32) - 1
             levels = np.add.reduceat(bits, np.cumsum(self.counts - 1) - (self.counts - 1), axis=1)
         return np.take_along_axis(self.recon[None], levels[:, :, None].astype(np.int64), 2)[:, :, 0]
 
     def adc_layout(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """Where each value of the asym search lies in the code: its byte (a group's packed levels, or Stage 2's
-        packed bits), its place in that byte, and the most values a byte holds."""
-        if self.pairs:
-            bits = np.arange(self.code_bits_per_vector)
-            return bits // 8, bits % 8, 8
+        """Where each value of the asym search lies in the code: its byte (a group's packed levels), its place in that
+        byte, and the most values a byte holds."""
         spans = [(np.arange(dims.stop - dims.start), levels_per_byte(k), nbytes.start) for k, dims, nbytes in self.spans()]
         return (np.concatenate([first + i // per for i, per, first in spans]), np.concatenate([i % per for i, per, _ in spans]),
                 max(per for _, per, _ in spans))
@@ -591,12 +729,8 @@ class ThresholdCodes(Float):
         return index
 
     def query_values(self, x: np.ndarray) -> np.ndarray:
-        """The float query in the code's space: its values, with each Stage 2 pair's larger value."""
-        v = self.values(x)
-        if self.pairs:
-            half = self.out // 2
-            v = np.concatenate([v[:, :half], np.maximum(v[:, half::2], v[:, half + 1 :: 2])], axis=1)
-        return v
+        """The float query in the code's space (what asym multiplies the decoded documents with)."""
+        return self.values(x)
 
     def store(self, codes: np.ndarray, mode: str | None = None) -> dict:
         if (mode or self.search_modes[0]) == "asym":
@@ -605,16 +739,7 @@ class ThresholdCodes(Float):
         index.add(np.ascontiguousarray(codes))
         return {"index": index}
 
-    def build(self, docs: np.ndarray, mode: str, rescorer=None) -> dict:
-        stored = self.store(self.encode(docs, mode), mode)
-        if mode == "rerank":
-            stored["float"] = np.ascontiguousarray(docs, dtype=np.float32)
-        if mode == "rerank_int8":
-            stored["int8"] = rescorer.encode(docs)
-            stored["rescorer"] = rescorer
-        return stored
-
-    def search(self, stored: dict, queries: np.ndarray, top_k: int, mode: str, rescore_k: int = RESCORE_K):
+    def search(self, stored: dict, queries: np.ndarray, top_k: int, mode: str, rerank_k: int = RERANK_K):
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         index = stored["index"]
         top_k = min(top_k, index.ntotal)
@@ -626,17 +751,61 @@ class ThresholdCodes(Float):
         if mode == "hamming":
             distances, ids = index.search(self.encode(queries, mode), top_k)
             return self.code_bits_per_vector - 2 * distances, ids
-        if mode == "rerank":
-            docs = lambda ids: stored["float"][ids]  # noqa: E731
-        else:
-            docs = lambda ids: stored["rescorer"].decode(stored["int8"][ids.ravel()]).reshape(*ids.shape, -1)  # noqa: E731
-        return rerank_search(index, docs, queries, self.encode(queries, mode), min(rescore_k, index.ntotal), top_k)
+        reranker, kept = stored["reranker"], stored["rerank"]  # a re-ranking mode: the Hamming top k re-scored
+        docs = lambda ids: reranker.decode(kept[ids.ravel()]).reshape(*ids.shape, -1)  # noqa: E731
+        return rerank_search(index, docs, queries, self.encode(queries, mode), min(rerank_k, index.ntotal), top_k)
 
 
-def level_groups(d: int, levels: int = 2, out: int | None = None, groups: tuple | None = None) -> tuple:
-    """A threshold method's ((count, levels), ...) groups of dimensions, in order: `groups` without empty ones, or all
-    `out` (default d) dimensions at `levels`."""
-    return tuple((c, k) for c, k in groups if c > 0) if groups else ((out or d, levels),)
+class Stage2Codes(ThresholdCodes):
+    """Stage 2 (two levels only): the first half of the dimensions one bit each, the second half in pairs (a, a+1),
+    one bit per pair that is 0 only when both values are under their thresholds (OR). 384 dims -> 192 + 96 = 288 bits.
+    Decoded as +-1 per bit; asym multiplies them with the query's values and each pair's larger value."""
+
+    @staticmethod
+    def code_bits(d: int, s: ThresholdSettings) -> int:
+        out = s.dims(d)
+        return out // 2 + out // 4
+
+    @staticmethod
+    def code_bytes(d: int, mode: str, s: ThresholdSettings) -> int:
+        return -(-Stage2Codes.code_bits(d, s) // 8)  # asym reads the bits too
+
+    @staticmethod
+    def describe(d: int, s: ThresholdSettings) -> str:
+        return f"{d} dimensions, {s.thresholds} thresholds, Stage 2 pairs, {Stage2Codes.code_bits(d, s)} bits"
+
+    @staticmethod
+    def label(s: ThresholdSettings) -> str:
+        return "binary"
+
+    @staticmethod
+    def information_bits(d: int, s: ThresholdSettings) -> float:
+        return round(0.75 * s.dims(d) / d, 3)
+
+    @staticmethod
+    def applies(d: int, s: ThresholdSettings) -> str | None:
+        if s.levels != 2 or s.groups or s.transform:
+            return "Stage 2 pairs bits of untransformed dimensions"
+        return f"Stage 2 pairs need a dimension divisible by 4, not {s.dims(d)}" if s.dims(d) % 4 else None
+
+    def bits(self, x: np.ndarray) -> np.ndarray:
+        levels, half = self.quantize(x), self.out // 2
+        return np.concatenate([levels[:, :half], levels[:, half::2] | levels[:, half + 1 :: 2]], axis=1).astype(bool)
+
+    def packs_levels(self, mode: str | None) -> bool:
+        return False
+
+    def decode(self, codes: np.ndarray, mode: str | None = None) -> np.ndarray:
+        bits = np.unpackbits(np.ascontiguousarray(codes, dtype=np.uint8), axis=1)[:, : self.code_bits_per_vector]
+        return 2 * bits.astype(np.float32) - 1
+
+    def adc_layout(self) -> tuple[np.ndarray, np.ndarray, int]:
+        bits = np.arange(self.code_bits_per_vector)
+        return bits // 8, bits % 8, 8
+
+    def query_values(self, x: np.ndarray) -> np.ndarray:
+        v, half = self.values(x), self.out // 2
+        return np.concatenate([v[:, :half], np.maximum(v[:, half::2], v[:, half + 1 :: 2])], axis=1)
 
 
 def levels_of(v: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -670,107 +839,101 @@ def bin_means(v: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return means.astype(np.float32)
 
 
-def random_rotation(d_in: int, d_out: int):
-    """faiss's seeded random rotation (LSH's projection): the same matrix on every machine."""
-    transform = faiss.RandomRotationMatrix(d_in, d_out)
-    with one_faiss_thread():  # also 0.03 s rather than 3.7 s when two OpenMP threads share two busy cores
-        transform.init(LSH_SEED)
-    return transform
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the registry
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A registry entry. `settings(d)`: the family's construction settings at dimension d. `fitted_on`: "nothing",
-    "texts" (fitted by the training command on the protocol's fitting texts) or "training" (trained by it: `quantizer`
-    names the quantization_modules.py class, trained with `loss_weights` = (similarity, InfoNCE) at learning rate `lr`). `learned`: its
-    thresholds are learned (the report compares it with the best training-free row)."""
+    """A registry entry. `settings(d)`: the family's settings dataclass at dimension d (None: the family's defaults).
+    `fitted_on`: "nothing", "texts" (fitted by the training command on the protocol's fitting texts) or "training"
+    (trained by it: `quantizer` names the quantization_modules.py class, trained with `loss_weights` = (similarity,
+    InfoNCE) at learning rate `lr`, None for quantization_modules.LR). A trained method is a learned one: the report
+    tests it against the training-free rows of its family, bits and mode."""
 
-    family: type
-    settings: Callable[[int], dict] = lambda d: {}
-    fitted_on: str = "nothing"
-    learned: bool = False
+    family: type[Family]
+    settings: Callable[[int], object] | None = None
+    fitted_on: FittedOn = "nothing"
     quantizer: str | None = None
     loss_weights: tuple[float, float] = (1.0, 0.0)
-    lr: float | None = None  # the training's learning rate, if not quantization_modules.LR (chosen on validation)
+    lr: float | None = None
     protocols: tuple[str, ...] = ("transfer", "in-domain")
-    notes: dict = field(default_factory=dict)
+
+    def __post_init__(self):  # a wrong declaration fails at import, not in a report
+        if inspect.isabstract(self.family):
+            raise TypeError(f"{self.family.__name__} lacks {', '.join(sorted(self.family.__abstractmethods__))}")
+        if (self.fitted_on == "training") != (self.quantizer is not None):
+            raise TypeError("an entry is trained (fitted_on='training') exactly when it names a quantizer")
+
+    @property
+    def learned(self) -> bool:
+        return self.fitted_on == "training"
 
 
-def faiss_codes(spec: str, code_bytes: int, kind: str, modes: dict | None = None) -> dict:
-    return dict(spec=spec, code_bytes=code_bytes, kind=kind, modes=modes or {"asym": ""})
-
-
-CAST, SYM_ASYM, ASYM = {"sym": ""}, {"sym": "", "asym": "+asym"}, ("asym",)
-RABITQ = {"qb0": "", "qb4": "+qb4"}
+CAST, SYM_ASYM = ("sym",), ("sym", "asym")
+RABITQ = ("qb0", "qb4")
+ASYM = ("asym",)
 
 METHODS = {  # name -> declaration; the report's order within equal bytes
     "float": Entry(Float),
     "float_adapted": Entry(Float, protocols=("in-domain",)),  # the in-domain reference: thresholds and rotations leave
     #                                                            every cosine unchanged, so it is the float model
-    "float16": Entry(FaissCodes, lambda d: faiss_codes("SQfp16", 2 * d, "cast", CAST)),
-    "bfloat16": Entry(FaissCodes, lambda d: faiss_codes("SQbf16", 2 * d, "cast", CAST)),
-    "int8": Entry(FaissCodes, lambda d: faiss_codes("SQ8", d, "scalar", SYM_ASYM), "texts"),
-    "int4": Entry(FaissCodes, lambda d: faiss_codes("SQ4", -(-d // 2), "scalar", SYM_ASYM), "texts"),
-    "pca_half": Entry(PCA, lambda d: dict(k=d // 2), "texts"),
-    "pca_quarter": Entry(PCA, lambda d: dict(k=d // 4), "texts"),
-    # product quantisation: 8-bit codes, sub-quantiser counts that divide d (np: no polysemous training, unused here)
-    "pq0.5b": Entry(FaissCodes, lambda d: faiss_codes(f"PQ{divisor(d, d // 16)}np", divisor(d, d // 16), "pq"), "texts"),
-    "pq1b": Entry(FaissCodes, lambda d: faiss_codes(f"PQ{divisor(d, d // 8)}np", divisor(d, d // 8), "pq"), "texts"),
-    "opq1b": Entry(FaissCodes, lambda d: faiss_codes(f"OPQ{divisor(d, d // 8)},PQ{divisor(d, d // 8)}np",
-                                                     divisor(d, d // 8), "pq"), "texts"),
-    "pq1.33b": Entry(FaissCodes, lambda d: faiss_codes(f"PQ{divisor(d, d // 6)}np", divisor(d, d // 6), "pq"), "texts"),
-    "pq1.67b": Entry(FaissCodes, lambda d: faiss_codes(f"PQ{divisor(d, d // 6)}x10np", -(-divisor(d, d // 6) * 10 // 8), "pq"),
-                     "texts"),  # 10-bit codes: 1,024 centroids per sub-quantiser
-    "pq2b": Entry(FaissCodes, lambda d: faiss_codes(f"PQ{divisor(d, d // 4)}np", divisor(d, d // 4), "pq"), "texts"),
-    "opq2b": Entry(FaissCodes, lambda d: faiss_codes(f"OPQ{divisor(d, d // 4)},PQ{divisor(d, d // 4)}np",
-                                                     divisor(d, d // 4), "pq"), "texts"),
-    "pq2b_fastscan": Entry(FaissCodes, lambda d: faiss_codes(f"PQ{divisor(d, d // 2, 2)}x4fs",
-                                                             divisor(d, d // 2, 2) // 2, "pq"), "texts"),  # 4-bit codes
-    "sq2b": Entry(FaissCodes, lambda d: faiss_codes("SQtqmse2", -(-d // 4), "scalar", SYM_ASYM), "texts"),
+    "float16": Entry(FaissCodes, lambda d: FaissSettings("SQfp16", 2 * d, "cast", CAST)),
+    "bfloat16": Entry(FaissCodes, lambda d: FaissSettings("SQbf16", 2 * d, "cast", CAST)),
+    "int8": Entry(FaissCodes, lambda d: FaissSettings("SQ8", d, "scalar", SYM_ASYM), "texts"),
+    "int4": Entry(FaissCodes, lambda d: FaissSettings("SQ4", -(-d // 2), "scalar", SYM_ASYM), "texts"),
+    "pca_half": Entry(PCA, lambda d: PCASettings(d // 2), "texts"),
+    "pca_quarter": Entry(PCA, lambda d: PCASettings(d // 4), "texts"),
+    # product quantisation, named by bits per dimension: 8-bit codes of d/16, d/8, d/6, d/4 dimensions
+    "pq0.5b": Entry(FaissCodes, lambda d: pq(d, d // 16), "texts"),
+    "pq1b": Entry(FaissCodes, lambda d: pq(d, d // 8), "texts"),
+    "opq1b": Entry(FaissCodes, lambda d: pq(d, d // 8, opq=True), "texts"),
+    "pq1.33b": Entry(FaissCodes, lambda d: pq(d, d // 6), "texts"),
+    "pq1.67b": Entry(FaissCodes, lambda d: pq(d, d // 6, bits=10), "texts"),  # 1,024 centroids per sub-quantiser
+    "pq2b": Entry(FaissCodes, lambda d: pq(d, d // 4), "texts"),
+    "opq2b": Entry(FaissCodes, lambda d: pq(d, d // 4, opq=True), "texts"),
+    "pq2b_fastscan": Entry(FaissCodes, lambda d: pq(d, d // 2, bits=4, fast_scan=True), "texts"),
+    "sq2b": Entry(FaissCodes, lambda d: FaissSettings("SQtqmse2", -(-d // 4), "scalar", SYM_ASYM), "texts"),
     # RaBitQ: 1 bit per dimension plus 8 bytes of factors; more bits per dimension plus 20 bytes
-    "rabitq": Entry(FaissCodes, lambda d: faiss_codes("RaBitQ", -(-d // 8) + 8, "rabitq", RABITQ), "texts"),
-    "rabitq2b": Entry(FaissCodes, lambda d: faiss_codes("RaBitQ2", -(-d // 4) + 20, "rabitq", {"qb8": ""}), "texts"),
-    "rabitq4b": Entry(FaissCodes, lambda d: faiss_codes("RaBitQ4", -(-d // 2) + 20, "rabitq", {"qb8": ""}), "texts"),
+    "rabitq": Entry(FaissCodes, lambda d: FaissSettings("RaBitQ", -(-d // 8) + 8, "rabitq", RABITQ), "texts"),
+    "rabitq2b": Entry(FaissCodes, lambda d: FaissSettings("RaBitQ2", -(-d // 4) + 20, "rabitq", ("qb8",)), "texts"),
+    "rabitq4b": Entry(FaissCodes, lambda d: FaissSettings("RaBitQ4", -(-d // 2) + 20, "rabitq", ("qb8",)), "texts"),
     #          (multi-bit: the query in 8 bits gave the float query's (qb0) per-query nDCG@10 exactly on both tasks,
     #           in less time; faiss's float-query path is slow: results/<MiniLM>/experiments/rabitq-query-bits.md)
     # binary codes: sign bits, after a random rotation or PCA, learned thresholds (quantization_modules.py)
     "stage1_zero": Entry(ThresholdCodes),
-    "lsh": Entry(ThresholdCodes, lambda d: dict(transform="lsh")),
-    "pca_sign0.75b": Entry(ThresholdCodes, lambda d: dict(transform="pca", out=d * 3 // 4), "texts"),
-    "stage1_trained": Entry(ThresholdCodes, lambda d: dict(thresholds="learned"), "training", learned=True,
+    "lsh": Entry(ThresholdCodes, lambda d: ThresholdSettings(transform="lsh")),
+    "pca_sign0.75b": Entry(ThresholdCodes, lambda d: ThresholdSettings(transform="pca", out=d * 3 // 4), "texts"),
+    "stage1_trained": Entry(ThresholdCodes, lambda d: ThresholdSettings(thresholds="learned"), "training",
                             quantizer="QuantizationModuleStage1"),
-    "stage1_rotated": Entry(ThresholdCodes, lambda d: dict(thresholds="learned", rotation=True), "training",
-                            learned=True, quantizer="QuantizationModuleStage1Rotated", loss_weights=(1.0, 1.0)),
-    "stage2_trained": Entry(ThresholdCodes, lambda d: dict(thresholds="learned", pairs=True), "training", learned=True,
+    "stage1_rotated": Entry(ThresholdCodes, lambda d: ThresholdSettings(thresholds="learned", rotation=True), "training",
+                            quantizer="QuantizationModuleStage1Rotated", loss_weights=(1.0, 1.0)),
+    "stage2_trained": Entry(Stage2Codes, lambda d: ThresholdSettings(thresholds="learned"), "training",
                             quantizer="QuantizationModuleStage2"),
     # multi-level codes: 3 levels (1.5 bits) or 4 levels (2 bits) per dimension; thresholds at quantiles, Lloyd-Max
     # or learned (Stage 1 at more bits)
-    "quantile1.5b": Entry(ThresholdCodes, lambda d: dict(levels=3, thresholds="quantile"), "texts"),
-    "lloyd1.5b": Entry(ThresholdCodes, lambda d: dict(levels=3, thresholds="lloyd"), "texts"),
-    "learned1.5b": Entry(ThresholdCodes, lambda d: dict(levels=3, thresholds="learned"), "training", learned=True,
+    "quantile1.5b": Entry(ThresholdCodes, lambda d: ThresholdSettings(3, "quantile"), "texts"),
+    "lloyd1.5b": Entry(ThresholdCodes, lambda d: ThresholdSettings(3, "lloyd"), "texts"),
+    "learned1.5b": Entry(ThresholdCodes, lambda d: ThresholdSettings(3, "learned"), "training",
                          quantizer="QuantizationModuleMultiLevel", lr=1e-4),
-    "quantile2b": Entry(ThresholdCodes, lambda d: dict(levels=4, thresholds="quantile"), "texts"),
-    "lloyd2b": Entry(ThresholdCodes, lambda d: dict(levels=4, thresholds="lloyd"), "texts"),
-    "learned2b": Entry(ThresholdCodes, lambda d: dict(levels=4, thresholds="learned"), "training", learned=True,
+    "quantile2b": Entry(ThresholdCodes, lambda d: ThresholdSettings(4, "quantile"), "texts"),
+    "lloyd2b": Entry(ThresholdCodes, lambda d: ThresholdSettings(4, "lloyd"), "texts"),
+    "learned2b": Entry(ThresholdCodes, lambda d: ThresholdSettings(4, "learned"), "training",
                        quantizer="QuantizationModuleMultiLevel", lr=1e-4),
     # a hybrid allocation (QAMA's quarters): the top principal components get the most levels, 2, 1.5 and 1 bits for
     # the first three quarters of d, 1 bit for half of the last quarter (0.5 per dimension; QAMA merges its pairs
     # with a learned layer): 1.25 bits per dimension of information, 1.625 in thermometer bits (QAMA counts those)
-    "hybrid1.25b": Entry(ThresholdCodes, lambda d: dict(transform="pca", thresholds="lloyd",
-                                                         groups=((d // 4, 4), (d // 4, 3), (d // 4, 2), (d // 8, 2))), "texts"),
+    "hybrid1.25b": Entry(ThresholdCodes, lambda d: ThresholdSettings(
+        thresholds="lloyd", transform="pca", groups=((d // 4, 4), (d // 4, 3), (d // 4, 2), (d // 8, 2))), "texts"),
     # truncation x quantisation: the top principal components (or the first dimensions, for Matryoshka models), each
     # cut into Lloyd-Max levels, searched with the float query (bytes: the packed levels)
-    "pca0.5x2b": Entry(ThresholdCodes, lambda d: dict(transform="pca", out=d // 2, levels=4, thresholds="lloyd", search=ASYM), "texts"),
-    "pca0.33x4b": Entry(ThresholdCodes, lambda d: dict(transform="pca", out=d // 3, levels=16, thresholds="lloyd", search=ASYM), "texts"),
-    "pca0.67x2b": Entry(ThresholdCodes, lambda d: dict(transform="pca", out=2 * d // 3, levels=4, thresholds="lloyd", search=ASYM), "texts"),
-    "pca0.5x4b": Entry(ThresholdCodes, lambda d: dict(transform="pca", out=d // 2, levels=16, thresholds="lloyd", search=ASYM), "texts"),
-    "pca0.25x8b": Entry(ThresholdCodes, lambda d: dict(transform="pca", out=d // 4, levels=256, thresholds="lloyd", search=ASYM), "texts"),
-    "first0.5x2b": Entry(ThresholdCodes, lambda d: dict(transform="first", out=d // 2, levels=4, thresholds="lloyd", search=ASYM), "texts"),
-    "first0.5x4b": Entry(ThresholdCodes, lambda d: dict(transform="first", out=d // 2, levels=16, thresholds="lloyd", search=ASYM), "texts"),
+    "pca0.5x2b": Entry(ThresholdCodes, lambda d: ThresholdSettings(4, "lloyd", "pca", d // 2, modes=ASYM), "texts"),
+    "pca0.33x4b": Entry(ThresholdCodes, lambda d: ThresholdSettings(16, "lloyd", "pca", d // 3, modes=ASYM), "texts"),
+    "pca0.67x2b": Entry(ThresholdCodes, lambda d: ThresholdSettings(4, "lloyd", "pca", 2 * d // 3, modes=ASYM), "texts"),
+    "pca0.5x4b": Entry(ThresholdCodes, lambda d: ThresholdSettings(16, "lloyd", "pca", d // 2, modes=ASYM), "texts"),
+    "pca0.25x8b": Entry(ThresholdCodes, lambda d: ThresholdSettings(256, "lloyd", "pca", d // 4, modes=ASYM), "texts"),
+    "first0.5x2b": Entry(ThresholdCodes, lambda d: ThresholdSettings(4, "lloyd", "first", d // 2, modes=ASYM), "texts"),
+    "first0.5x4b": Entry(ThresholdCodes, lambda d: ThresholdSettings(16, "lloyd", "first", d // 2, modes=ASYM), "texts"),
 }
 
 
@@ -780,72 +943,109 @@ def entry(name: str) -> Entry:
     return METHODS[name]
 
 
-def modes_of(name: str, d: int) -> dict[str, str]:
-    """A method's search modes at dimension d: mode -> row-name suffix, its own search first."""
+def settings(name: str, d: int):
+    """A method's settings at dimension d."""
     e = entry(name)
-    return e.family.modes(**e.settings(d))
+    return e.family.Settings() if e.settings is None else e.settings(d)
+
+
+def modes_of(name: str, d: int) -> tuple[str, ...]:
+    """A method's search modes at dimension d, its own search first."""
+    return entry(name).family.modes(settings(name, d))
+
+
+def own_mode(name: str, d: int) -> str:
+    """The method's own search: its first mode (training validates with it)."""
+    return modes_of(name, d)[0]
+
+
+def row_name(name: str, mode: str, d: int) -> str:
+    """The table's name of a method's row in `mode`: the method's name for its own search, "<name>+<mode>" otherwise."""
+    return name if mode == own_mode(name, d) else f"{name}+{mode}"
 
 
 def row_bytes(name: str, d: int, mode: str) -> int:
-    e = entry(name)
-    return e.family.row_bytes(d, mode, **e.settings(d))
+    """Bytes per document a row stores and reads: its codes, plus its re-ranker's documents in a re-ranking mode."""
+    reranker = MODES[mode].reranker
+    extra = row_bytes(reranker, d, own_mode(reranker, d)) if reranker else 0
+    return entry(name).family.code_bytes(d, mode, settings(name, d)) + extra
+
+
+def keeps_float(mode: str) -> bool:
+    """Whether a row of `mode` keeps the float documents beside its codes (the budget tables leave such rows out)."""
+    reranker = MODES[mode].reranker
+    return reranker is not None and entry(reranker).family is Float
 
 
 def describe(name: str, d: int) -> str:
-    e = entry(name)
-    return e.family.describe(d, **e.settings(d))
+    return entry(name).family.describe(d, settings(name, d))
 
 
 def family_of(name: str, d: int) -> str:
-    e = entry(name)
-    return e.family.label(**e.settings(d))
+    return entry(name).family.label(settings(name, d))
 
 
-def bits_per_dimension(name: str, d: int) -> float:
-    e = entry(name)
-    return e.family.bits_per_dimension(d, **e.settings(d))
+def information_bits(name: str, d: int) -> float:
+    return entry(name).family.information_bits(d, settings(name, d))
 
 
 def applies(name: str, d: int) -> str | None:
     """None, or why the method cannot be used at dimension d."""
-    e = entry(name)
-    return e.family.applies(d, **e.settings(d))
+    return entry(name).family.applies(d, settings(name, d))
 
 
-def make_method(name: str, dim: int):
+def make_method(name: str, dim: int) -> Family:
     """A fresh, unfitted method of the registry at dimension `dim`."""
-    e = entry(name)
     if reason := applies(name, dim):
         raise UsageError(f"{name} does not apply at dimension {dim}: {reason}")
-    method = e.family(dim, **e.settings(dim))
-    method.name = name
-    return method
+    return entry(name).family(name, dim, settings(name, dim))
 
 
 def rows_of(name: str, d: int, modes=None) -> dict[str, str]:
-    """The table rows of a method: row name -> mode. Its first mode always runs; others if in `modes` (None: all)."""
-    all_modes = modes_of(name, d)
-    first = next(iter(all_modes))
-    return {name + suffix: mode for mode, suffix in all_modes.items() if mode == first or modes is None or mode in modes}
+    """The table rows of a method: row name -> mode. Its own mode always runs; the others if in `modes` (None: all)."""
+    return {row_name(name, mode, d): mode for mode in modes_of(name, d)
+            if mode == own_mode(name, d) or modes is None or mode in modes}
+
+
+def table_rows(name: str, d: int, modes=None, rerank_k: int = RERANK_K, depths=RERANK_DEPTHS) -> dict[str, tuple]:
+    """Every row the evaluation runs for a method: row name -> (mode, re-ranking depth or None). A re-ranking row is
+    at depth `rerank_k`; a row of DEPTH_MODE also at each other depth of `depths`, named "<row>@k" (the depth table's)."""
+    out = {}
+    for row, mode in rows_of(name, d, modes).items():
+        out[row] = (mode, rerank_k if MODES[mode].reranker else None)
+        if mode == DEPTH_MODE:
+            out |= {f"{row}@{k}": (mode, k) for k in depths if k != rerank_k}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the search backend of every row
 
 
 class MethodIndex:
     """An mteb search backend (add_documents / search / clear) for one row: it receives the shared encoder's float
-    embeddings and stores and searches them as its method does, in its mode. `rescore_k` and `rescorer` (the int8
-    method, for rerank_int8) are the row's settings. Validation in training ranks through it too."""
+    embeddings and stores and searches them as its method does, in its mode. `rerank_k` and `reranker` (the method
+    whose documents re-rank, for a re-ranking mode: MODES[mode].reranker) are the row's settings. Validation in
+    training ranks through it too."""
 
-    def __init__(self, method, mode: str, rescore_k: int = RESCORE_K, rescorer=None):
-        self.method, self.mode, self.rescore_k, self.rescorer = method, mode, rescore_k, rescorer
+    def __init__(self, method: Family, mode: str, rerank_k: int = RERANK_K, reranker: Family | None = None):
+        if (MODES[mode].reranker is None) != (reranker is None):
+            raise ValueError(f"mode {mode} re-ranks with {MODES[mode].reranker}, got {reranker and reranker.name}")
+        self.method, self.mode, self.rerank_k, self.reranker = method, mode, rerank_k, reranker
         self.stored, self.n_documents = None, 0
 
     def add_documents(self, embeddings, idxs: list[str] | None = None) -> None:
         docs = np.asarray(embeddings, dtype=np.float32)
-        self.stored, self.n_documents = self.method.build(docs, self.mode, self.rescorer), len(docs)
+        if docs.ndim != 2 or docs.shape[1] != self.method.dim:
+            raise ValueError(f"{self.method.name} takes (documents, {self.method.dim}) embeddings, got {docs.shape}")
+        self.stored, self.n_documents = self.method.build(docs, self.mode, self.reranker), len(docs)
 
     def search(self, embeddings, top_k: int, similarity_fn=None, top_ranked=None, query_idx_to_id=None):
+        queries = np.asarray(embeddings, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.method.dim:
+            raise ValueError(f"{self.method.name} takes (queries, {self.method.dim}) embeddings, got {queries.shape}")
         top_k = min(top_k, self.n_documents)  # faiss pads a short list with id -1, which mteb reads as the last document
-        scores, ids = self.method.search(self.stored, np.asarray(embeddings, dtype=np.float32), top_k, self.mode,
-                                         self.rescore_k)
+        scores, ids = self.method.search(self.stored, queries, top_k, self.mode, self.rerank_k)
         return np.asarray(scores), np.asarray(ids)
 
     def clear(self) -> None:
@@ -866,11 +1066,11 @@ def stored_bytes(stored: dict) -> int:
     return total
 
 
-def rank(method, mode: str, docs: np.ndarray, queries: np.ndarray, doc_ids: list, query_ids: list,
-         top: int = 1000, rescore_k: int = RESCORE_K, rescorer=None) -> dict[str, dict[str, float]]:
+def rank(method: Family, mode: str, docs: np.ndarray, queries: np.ndarray, doc_ids: list, query_ids: list,
+         top: int = 1000, rerank_k: int = RERANK_K, reranker: Family | None = None) -> dict[str, dict[str, float]]:
     """{query id: {document id: score}} of a row's top documents (mteb's retrieval depth is 1,000): the same index and
     search the evaluation's rows use, so validation chooses on the ranking that is reported."""
-    index = MethodIndex(method, mode, rescore_k, rescorer)
+    index = MethodIndex(method, mode, rerank_k, reranker)
     index.add_documents(docs, doc_ids)
     scores, ids = index.search(queries, min(top, len(doc_ids)))
     return {q: {doc_ids[j]: float(s) for j, s in zip(row_ids, row_scores)}

@@ -6,6 +6,9 @@ search encodes them, or for the prompt it gives a task's texts. Each use is one 
 in one line naming the mteb version, an mteb whose private pieces moved (both commands call it at start).
 """
 
+import hashlib
+import json
+
 import mteb
 import numpy as np
 import pandas as pd
@@ -140,6 +143,25 @@ def task_texts(task) -> dict[str, list[str]]:
             texts["query"] += _retrieval_texts(subset[split]["queries"], PromptType.query)
             texts["document"] += _retrieval_texts(subset[split]["corpus"], PromptType.document)
     return {kind: list(dict.fromkeys(t)) for kind, t in texts.items()}
+
+
+def task_fingerprints(task) -> dict[str, dict]:
+    """For each evaluated split of a loaded retrieval task ("SciFact test"): sha256 over its documents' and queries'
+    ids and texts (as mteb builds them) and its relevance judgements, with how many documents and queries it has. Rows
+    of a table are comparable only when scored on the same fingerprint."""
+    from mteb._create_dataloaders import _retrieval_texts
+
+    out = {}
+    for split in task.eval_splits:
+        digest, documents, queries = hashlib.sha256(), 0, 0
+        for subset_name, subset in sorted(task.dataset.items()):
+            corpus, questions = subset[split]["corpus"], subset[split]["queries"]
+            qrels = {q: dict(sorted(d.items())) for q, d in sorted(subset[split]["relevant_docs"].items())}
+            digest.update(json.dumps([subset_name, list(corpus["id"]), list(_retrieval_texts(corpus, PromptType.document)), list(questions["id"]),
+                                      list(_retrieval_texts(questions, PromptType.query)), qrels]).encode())
+            documents, queries = documents + len(corpus), queries + len(questions)
+        out[f"{task.metadata.name} {split}"] = dict(fingerprint=digest.hexdigest(), documents=documents, queries=queries)
+    return out
 
 
 def task_scores(task_result) -> dict[str, dict]:

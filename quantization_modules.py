@@ -1,35 +1,36 @@
 """Learned quantisers: thresholds (and a rotation) trained so that code similarities follow float similarities, their
 losses, one training loop, and the training command that fits or trains every method of the registry.
 
-Read top to bottom: defaults -> quantisers (soft codes for training) -> losses -> the training loop and the choice
-among initialisations -> the training command.
+Read top to bottom: defaults -> the quantiser protocol and the quantisers (soft codes for training) -> losses -> the
+training loop and the choice among initialisations -> the training command.
 
     python quantization_modules.py                          # transfer: fit and train every method, checkpoints/
     python quantization_modules.py --protocol in-domain     # the evaluated tasks' train queries added
     python quantization_modules.py --methods pq1b int8      # only these
 
-Protocols. transfer (default): nothing from an evaluated task's train or test data is trained on; fitting texts and
-training pairs come from pairs/ and beir-small/. in-domain: the evaluated tasks' train queries (minus validation) and
-their relevant documents are added. Both: candidates are chosen on validation queries (a task's dev split, else a
-seeded 20% of its train queries); test qrels are never read here.
+Protocols (fitting.py). transfer (default): nothing from an evaluated task's train or test data is trained on. in-domain:
+the evaluated tasks' train queries (minus validation) and their relevant documents are added. Both: candidates are
+chosen on validation queries (a task's dev split, else a seeded 20% of its train queries), ranked by the method's own
+search; test qrels are never read here.
 
 Interruptions. The checkpoints are replaced together at the end of a run. Until then each one is staged under
 `<cache-dir>/unfinished-checkpoints/` as soon as it is made, so a rerun with the same inputs and settings keeps what an
 interrupted run fitted or trained, and the embedding cache keeps what it encoded.
 
-A quantiser here is the trainable form of a registry method of family methods.ThresholdCodes: after training,
-`export()` gives the thresholds (and rotation) that the method stores in its checkpoint and searches with; the
-evaluation never needs torch.
+A learned quantiser is one subclass of `Quantizer` named by a registry entry (`Entry.quantizer`): built from the
+entry's settings, trained by `train_quantizer`, and turned by `export()` into the state its registry method stores in
+its checkpoint and searches with; the evaluation never needs torch.
 """
 
 import argparse
-import datetime
 import hashlib
 import json
 import math
 import signal
 import sys
 import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from checkpoints import CHECKPOINTS_DIR, checkpoint_path, load_checkpoint, save_
 from data import IN_DOMAIN_PAIRS, MAX_PER_SOURCE, PROTOCOLS, SEED, TASKS, UsageError, check_writable, write_atomic
 from data import document_text, find_task_folder, load_beir, load_training_data, task_query_splits
 from encoders import CACHE_DIR, DEFAULT_MODEL, BaseModel, canonical_name, quiet_libraries
+from fitting import TRAIN_DATA, FittingData, common_metadata, embed_fitting_data, fit, fitted_metadata
 from mteb_adapter import ndcg_at_10, task_prompt
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,24 +57,52 @@ ACTIVATIONS = ["sigmoid", "ste", "anneal"]  # ste: hard bits forward, sigmoid gr
 ACTIVATION = "ste"  # best on validation (docs/findings.md)
 ANNEAL = (10.0, 300.0)  # temperature schedule of "anneal": geometric from soft to nearly hard over the epochs
 NCE_TEMPERATURE = 0.05
-RANDOM_INITS = 5  # random threshold initialisations, besides the training-free ones (zero and median, or quantile and Lloyd-Max)
+RANDOM_INITS = 5  # random initialisations, besides the training-free ones (zero and median, or quantile and Lloyd-Max)
 GRAD_CLIP = 1.0
 STAGING = "unfinished-checkpoints"  # under --cache-dir: each checkpoint as soon as it is made, until the run ends
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# quantisers: soft codes in [0, 1] for training; export() gives what the registry method searches with
+# the quantiser protocol, then the quantisers: soft codes for training; export() gives what the method searches with
 
 
-class QuantizationModuleStage1(nn.Module):
-    """One learnable threshold per dimension; bit = value > threshold. Thresholds all zero give the sign bit."""
+class Quantizer(nn.Module, ABC):
+    """A trainable form of a registry method. forward(x) gives the vectors whose cosines the losses compare (+-1 for
+    bit codes), differentiable in the parameters; `straight_through` (set by the loop for activation "ste") makes the
+    forward hard. Every subclass is found by its name (`Entry.quantizer`) in `Quantizer.classes`."""
 
-    levels = 2
+    classes: dict[str, type] = {}
+    straight_through = False
+    temperature = TEMPERATURE
 
-    def __init__(self, embedding_dim: int, temperature: float = TEMPERATURE):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Quantizer.classes[cls.__name__] = cls
+
+    @abstractmethod
+    def candidate_inits(self, n_random: int) -> list[str]:
+        """The initialisations training tries, the training-free ones first."""
+
+    @abstractmethod
+    def initialise(self, init: str, x: torch.Tensor, seed: int) -> None:
+        """Set the parameters to initialisation `init` (one of candidate_inits), from the training embeddings."""
+
+    @abstractmethod
+    def export(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """The registry method's state (its checkpoint's arrays); `x`: the training embeddings."""
+
+    def project(self) -> None:
+        """Restore a constraint on the parameters after each optimiser step (a rotation's orthogonality)."""
+
+
+class QuantizationModuleStage1(Quantizer):
+    """One learnable threshold per dimension; bit = value > threshold. Thresholds all zero give the sign bit. With
+    `levels` > 2 (the settings'), levels - 1 thresholds per dimension and a thermometer code."""
+
+    def __init__(self, embedding_dim: int, settings: methods.ThresholdSettings | None = None, temperature: float = TEMPERATURE):
         super().__init__()
+        self.levels = (settings or methods.ThresholdSettings()).levels
         self.embedding_dim, self.temperature = embedding_dim, temperature
-        self.straight_through = False  # set by training with activation "ste"
         self.thresholds = nn.Parameter(torch.zeros(embedding_dim, self.levels - 1))
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,22 +113,30 @@ class QuantizationModuleStage1(nn.Module):
         """Per-dimension thermometer bits (n, dims, levels - 1) -> the code's bits (n, code bits)."""
         return bits.flatten(1)
 
-    def project(self) -> None:
-        """Called after every optimiser step, to restore a constraint on the parameters. Thresholds have none."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Soft codes in [0, 1], differentiable in the thresholds; hard bits forward if straight_through. A value on
-        a threshold is below it (bit 0), as sentence-transformers' `> 0`."""
+    def soft_bits(self, x: torch.Tensor) -> torch.Tensor:
+        """Soft bits in [0, 1], differentiable in the thresholds; hard bits forward if straight_through. A value on a
+        threshold is below it (bit 0), as sentence-transformers' `> 0`."""
         z = self.temperature * (self.rotate(x)[:, :, None] - self.thresholds[None])
         soft = torch.sigmoid(z)
         if self.straight_through:
             soft = soft + ((z > 0).float() - soft).detach()
         return self.combine(soft)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The code as +-1 per bit, so that a dot product is bits - 2 * Hamming distance."""
+        return 2 * self.soft_bits(x) - 1
+
+    def candidate_inits(self, n_random: int) -> list[str]:
+        return (["zero", "median"] if self.levels == 2 else ["quantile", "lloyd"]) + [f"random{i}" for i in range(n_random)]
+
+    def initialise(self, init: str, x: torch.Tensor, seed: int) -> None:
+        with torch.no_grad():
+            self.thresholds.copy_(initial_thresholds(init, self.rotate(x), self.levels, seed))
+
     @torch.no_grad()
     def export(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        """The registry method's state: sorted thresholds (dims, levels - 1), reconstruction values (dims, levels):
-        +-1 for two levels, else the mean of `x` (the training texts) in each level."""
+        """Sorted thresholds (dims, levels - 1), reconstruction values (dims, levels): +-1 for two levels, else the
+        mean of `x` (the training texts) in each level."""
         thresholds = self.thresholds.sort(dim=1).values.numpy().astype(np.float32)
         if self.levels == 2:
             recon = np.tile(np.array([-1.0, 1.0], np.float32), (self.embedding_dim, 1))
@@ -111,10 +149,10 @@ class QuantizationModuleStage2(QuantizationModuleStage1):
     """First half of the dimensions as Stage 1; the second half in pairs (d, d+1), one bit per pair that is 0 only
     when both values are under their thresholds (soft: 1 - (1 - s_a)(1 - s_b)). 384 dims -> 192 + 96 = 288 bits."""
 
-    def __init__(self, embedding_dim: int, temperature: float = TEMPERATURE):
+    def __init__(self, embedding_dim: int, settings: methods.ThresholdSettings | None = None, temperature: float = TEMPERATURE):
         if embedding_dim % 4:
             raise ValueError(f"Stage 2 needs a dimension divisible by 4, got {embedding_dim}")
-        super().__init__(embedding_dim, temperature)
+        super().__init__(embedding_dim, settings, temperature)
         self.half = embedding_dim // 2
 
     def combine(self, bits: torch.Tensor) -> torch.Tensor:
@@ -127,8 +165,8 @@ class QuantizationModuleStage1Rotated(QuantizationModuleStage1):
     """Stage 1 after a learned orthogonal rotation: bit = (R x)_d > t_d. Still one bit per dimension; R starts as the
     identity (sign bits) and leaves every float cosine unchanged, so the float model through it is the float model."""
 
-    def __init__(self, embedding_dim: int, temperature: float = TEMPERATURE):
-        super().__init__(embedding_dim, temperature)
+    def __init__(self, embedding_dim: int, settings: methods.ThresholdSettings | None = None, temperature: float = TEMPERATURE):
+        super().__init__(embedding_dim, settings, temperature)
         self.rotation = nn.Parameter(torch.eye(embedding_dim))
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,18 +190,35 @@ class QuantizationModuleStage1Rotated(QuantizationModuleStage1):
 
 
 class QuantizationModuleMultiLevel(QuantizationModuleStage1):
-    """Stage 1 at more bits: `levels` levels per dimension, separated by levels - 1 learned thresholds; the code is the
-    thermometer code (level l: l of the levels - 1 bits set), so code cosines, like Hamming distance, follow the L1
-    distance between levels. 3 levels: 1.58 bits of information per dimension; 4 levels: 2."""
-
-    def __init__(self, embedding_dim: int, temperature: float = TEMPERATURE, levels: int = 4):
-        self.levels = levels
-        super().__init__(embedding_dim, temperature)
+    """Stage 1 at more bits: `levels` levels per dimension (the settings'), separated by levels - 1 learned thresholds;
+    the code is the thermometer code (level l: l of the levels - 1 bits set), so code cosines, like Hamming distance,
+    follow the L1 distance between levels. 3 levels: 1.58 bits of information per dimension; 4 levels: 2."""
 
 
-def to_signed(codes: torch.Tensor) -> torch.Tensor:
-    """0/1 codes -> -1/+1, so that a dot product is bits - 2 * Hamming distance."""
-    return 2 * codes.float() - 1
+def initial_thresholds(name: str, x: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
+    """(dims, levels - 1) starting thresholds. Two levels: zero, the per-dimension median, or random{i} (normal around
+    0 with half each dimension's spread). More: quantile (at the i/k quantiles), lloyd (Lloyd-Max), or random{i}
+    (the quantiles moved by a quarter of each dimension's spread at random)."""
+    v = x.numpy()
+    if name == "zero":
+        return torch.zeros(x.shape[1], levels - 1)
+    if name in ("median", "quantile"):
+        return torch.from_numpy(np.quantile(v, np.arange(1, levels) / levels, axis=0).T.astype(np.float32))
+    if name == "lloyd":
+        return torch.from_numpy(methods.lloyd_max(v, levels))
+    g = torch.Generator().manual_seed(seed * 1000 + int(name.removeprefix("random")))
+    noise = torch.randn(x.shape[1], levels - 1, generator=g) * x.std(0)[:, None]
+    if levels == 2:
+        return 0.5 * noise
+    return initial_thresholds("quantile", x, levels, seed) + 0.25 * noise
+
+
+def make_quantizer(name: str, dim: int, temperature: float = TEMPERATURE) -> Quantizer:
+    """The quantiser a registry entry names (`Entry.quantizer`), built from the entry's settings at `dim`."""
+    e = methods.entry(name)
+    if e.quantizer not in Quantizer.classes:
+        raise UsageError(f"{name} names quantiser {e.quantizer!r}; quantization_modules.py has {', '.join(Quantizer.classes)}")
+    return Quantizer.classes[e.quantizer](dim, methods.settings(name, dim), temperature)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,7 +250,7 @@ def balanced_pair_weights(source: torch.Tensor) -> torch.Tensor:
 
 
 def train_quantizer(
-    quantizer: QuantizationModuleStage1,
+    quantizer: Quantizer,
     embeddings: np.ndarray | torch.Tensor,
     pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     epochs: int = EPOCHS,
@@ -230,10 +285,10 @@ def train_quantizer(
             batch = x[order[start : start + batch_size]]
             loss = torch.zeros(())
             if sim_weight:
-                loss = loss + sim_weight * similarity_preservation_loss(batch, to_signed(quantizer(batch)))
+                loss = loss + sim_weight * similarity_preservation_loss(batch, quantizer(batch))
             if pairs is not None and contrastive_weight:
                 pick = torch.multinomial(pair_weights, min(batch_size, len(anchors)), replacement=False, generator=generator)
-                loss = loss + contrastive_weight * info_nce_loss(to_signed(quantizer(anchors[pick])), to_signed(quantizer(positives[pick])))
+                loss = loss + contrastive_weight * info_nce_loss(quantizer(anchors[pick]), quantizer(positives[pick]))
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(quantizer.parameters(), GRAD_CLIP)
@@ -246,41 +301,17 @@ def train_quantizer(
     return losses
 
 
-def initial_thresholds(name: str, x: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
-    """(dims, levels - 1) starting thresholds. Two levels: zero, the per-dimension median, or random{i} (normal around
-    0 with half each dimension's spread). More: quantile (at the i/k quantiles), lloyd (Lloyd-Max), or random{i}
-    (the quantiles moved by a quarter of each dimension's spread at random)."""
-    v = x.numpy()
-    if name == "zero":
-        return torch.zeros(x.shape[1], levels - 1)
-    if name in ("median", "quantile"):
-        return torch.from_numpy(np.quantile(v, np.arange(1, levels) / levels, axis=0).T.astype(np.float32))
-    if name == "lloyd":
-        return torch.from_numpy(methods.lloyd_max(v, levels))
-    g = torch.Generator().manual_seed(seed * 1000 + int(name.removeprefix("random")))
-    noise = torch.randn(x.shape[1], levels - 1, generator=g) * x.std(0)[:, None]
-    if levels == 2:
-        return 0.5 * noise
-    return initial_thresholds("quantile", x, levels, seed) + 0.25 * noise
-
-
-def candidate_inits(levels: int, n_random: int) -> list[str]:
-    return (["zero", "median"] if levels == 2 else ["quantile", "lloyd"]) + [f"random{i}" for i in range(n_random)]
-
-
 def train_candidates(build, embeddings, validate, n_random: int = RANDOM_INITS, seed: int = SEED, **train_kwargs):
-    """Train one quantiser per initialisation (candidate_inits); keep the best mean validation nDCG@10.
+    """Train one quantiser per initialisation (its candidate_inits); keep the best mean validation nDCG@10.
 
     `build()` makes a fresh quantiser; `validate(quantizer)` gives {task: validation nDCG@10}, ranked as the evaluation
     ranks (methods.rank). Returns (best quantiser, its initialisation, {initialisation: {task: nDCG@10, "mean": ...}}).
     """
     x = torch.as_tensor(embeddings, dtype=torch.float32)
     scores, best = {}, None
-    levels = build().levels
-    for name in tqdm(candidate_inits(levels, n_random), desc="candidates", leave=False):
+    for name in tqdm(build().candidate_inits(n_random), desc="candidates", leave=False):
         quantizer = build()
-        with torch.no_grad():
-            quantizer.thresholds.copy_(initial_thresholds(name, quantizer.rotate(x), levels, seed))
+        quantizer.initialise(name, x, seed)
         train_quantizer(quantizer, x, seed=seed, verbose=False, **train_kwargs)
         scores[name] = validate(quantizer)
         scores[name]["mean"] = float(np.mean(list(scores[name].values())))
@@ -289,13 +320,6 @@ def train_candidates(build, embeddings, validate, n_random: int = RANDOM_INITS, 
         if best is None or scores[name]["mean"] > scores[best[0]]["mean"]:
             best = (name, quantizer)
     return best[1], best[0], scores
-
-
-def make_quantizer(name: str, dim: int, temperature: float = TEMPERATURE) -> QuantizationModuleStage1:
-    """The quantiser class a registry entry names (`Entry.quantizer`), at the entry's number of levels."""
-    entry, cls = methods.entry(name), globals()[methods.entry(name).quantizer]
-    levels = entry.settings(dim).get("levels", 2)
-    return cls(dim, temperature, levels=levels) if cls is QuantizationModuleMultiLevel else cls(dim, temperature)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -308,7 +332,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     fitted = [name for name, e in methods.METHODS.items() if e.fitted_on != "nothing"]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message}")
-    p.add_argument("--train-data", type=Path, default=Path("../shared/data"), help="folder with pairs/ and beir-small/ (fitting texts)")
+    p.add_argument("--train-data", type=Path, default=TRAIN_DATA, help="folder with pairs/ and beir-small/ (fitting texts)")
     p.add_argument("--data-dir", type=Path, default=Path("../shared/data/beir"),
                    help="folder of the evaluated tasks' BEIR folders (validation; in-domain training), as in the evaluation")
     p.add_argument("--out", type=Path, default=Path(CHECKPOINTS_DIR), help="checkpoints go to <out>/<model-slug>/[in-domain/]")
@@ -367,144 +391,177 @@ def main(argv=None) -> None:
         sys.exit(130)
 
 
-def run(args) -> None:
-    trained = [m for m in args.methods if methods.entry(m).fitted_on == "training"]
-    weights = {name: loss_weights(args, name) for name in trained}
-    check_writable(checkpoint_path(args.out, args.model, "x", args.protocol).parent, "checkpoint folder")
-    check_writable(args.cache_dir, "embedding cache folder")
+@dataclass
+class Validation:
+    """Each evaluated task's validation queries and documents, embedded: what candidates are chosen on."""
 
-    # data: the fitting texts and training pairs of the protocol; each evaluated task's validation queries
-    pairs_by_source, texts_by_source = load_training_data(args.train_data, args.protocol, args.tasks, args.max_per_source,
-                                                          args.seed, args.in_domain_pairs, beir_dir=args.data_dir)
-    print("training pairs: " + ", ".join(f"{k} {len(v):,}" for k, v in pairs_by_source.items()))
-    print("extra training texts: " + ", ".join(f"{k} {len(v):,}" for k, v in texts_by_source.items()))
-    texts = list(dict.fromkeys([t for v in pairs_by_source.values() for pair in v for t in pair] + [t for v in texts_by_source.values() for t in v]))
-    pair_list = [(a, b, i) for i, v in enumerate(pairs_by_source.values()) for a, b in v]
-    task_data = {}
-    for task in args.tasks:
-        folder = find_task_folder(args.data_dir, task)
+    tasks: dict[str, dict]
+
+    def ndcg(self, method, mode: str) -> dict[str, float]:
+        """Validation nDCG@10 per task, ranked by the evaluation's own index and search in `mode`."""
+        keys = ("docs", "queries", "doc_ids", "query_ids")
+        return {task: ndcg_at_10(methods.rank(method, mode, **{k: v[k] for k in keys}), v["qrels"]) for task, v in self.tasks.items()}
+
+    def text(self, method, mode: str) -> str:
+        return "  ".join(f"{t} {v:.4f}" for t, v in self.ndcg(method, mode).items())
+
+
+def read_validation(data_dir: Path, tasks: list[str], seed: int) -> dict[str, tuple]:
+    """Each task's documents and validation queries (never test ones) with their qrels, read and checked."""
+    read = {}
+    for task in tasks:
+        folder = find_task_folder(data_dir, task)
         corpus, queries, _ = load_beir(folder)
-        qrels = task_query_splits(folder, args.seed)["validation"]
+        qrels = task_query_splits(folder, seed)["validation"]
         held_out = [q for q in qrels if q in queries]
         if not held_out:
             raise UsageError(f"{task}: no validation queries (wanted qrels/dev.tsv, or qrels/train.tsv to hold some out, in {folder})")
-        task_data[task] = corpus, queries, held_out, {q: qrels[q] for q in held_out}
+        read[task] = corpus, queries, held_out, {q: qrels[q] for q in held_out}
+    return read
 
-    # embeddings: each text once per prompt, through the cache the evaluation reads (tasks with their mteb prompts)
-    base = BaseModel(args.model, args.cache_dir, args.device)
+
+def embed_validation(base: BaseModel, read: dict[str, tuple]) -> Validation:
+    """The validation queries and documents of each task, embedded with the task's mteb prompts."""
     validation = {}
-    for task, (corpus, queries, held_out, qrels) in task_data.items():
+    for task, (corpus, queries, held_out, qrels) in read.items():
         validation[task] = dict(
             queries=base.embed([queries[q] for q in held_out], "query", task_prompt(base, task, "query"),
                                desc=f"encoding {task} validation queries"),
             docs=base.embed([document_text(d) for d in corpus.values()], "document", task_prompt(base, task, "document"),
                             desc=f"encoding {task} documents"),
             query_ids=held_out, doc_ids=list(corpus), qrels=qrels)
-    embeddings = base.embed(texts, "document", desc="encoding fitting texts")
-    anchors = base.embed([a for a, _, _ in pair_list], "query", desc="encoding training anchors")
-    row = {t: i for i, t in enumerate(texts)}
-    pairs = (torch.from_numpy(anchors), torch.from_numpy(embeddings[[row[b] for _, b, _ in pair_list]]),
-             torch.tensor([i for _, _, i in pair_list]))
-    dim = embeddings.shape[1]
-    sources = {k: len(v) for k, v in pairs_by_source.items()} | {k: len(v) for k, v in texts_by_source.items()}
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    common = {"base_model": args.model, "protocol": args.protocol, "dimension": str(dim), "seed": str(args.seed),
-              "training_sources": sources, "validation_query_ids": {t: v[2] for t, v in task_data.items()}, "date": date}
+    return Validation(validation)
 
-    # each method's checkpoint is staged in the cache folder as soon as it is made, and moved into place with the rest
-    # at the end; a rerun after an interruption keeps a staged one made from the same inputs (`made_with`)
-    staging = Path(args.cache_dir) / STAGING / checkpoint_path(Path(), args.model, "x", args.protocol).parent
-    inputs = hashlib.sha256()
-    for part in (embeddings, anchors, pairs[2].numpy(), *(v[k] for v in validation.values() for k in ("queries", "docs"))):
-        inputs.update(np.ascontiguousarray(part).tobytes())
-    inputs.update(json.dumps({k: v for k, v in common.items() if k != "date"}, sort_keys=True).encode())
 
-    def made_with(settings: dict) -> str:
-        return hashlib.sha256(inputs.digest() + json.dumps(settings, sort_keys=True).encode()).hexdigest()
+class Staging:
+    """Where each checkpoint waits until the run ends, and whether an earlier, interrupted run already made it: a
+    staged checkpoint is kept when it was made from the same inputs (embeddings, validation, metadata) and settings."""
 
-    def kept(name: str, fingerprint: str) -> tuple[dict, dict] | None:
+    def __init__(self, args, data: FittingData, validation: Validation, common: dict):
+        self.args, self.dim = args, data.dim
+        self.folder = Path(args.cache_dir) / STAGING / checkpoint_path(Path(), args.model, "x", args.protocol).parent
+        inputs = hashlib.sha256()
+        for part in (data.embeddings, data.anchors, data.pair_source,
+                     *(v[k] for v in validation.tasks.values() for k in ("queries", "docs"))):
+            inputs.update(np.ascontiguousarray(part).tobytes())
+        inputs.update(json.dumps({k: v for k, v in common.items() if k != "date"}, sort_keys=True).encode())
+        self.inputs = inputs.digest()
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def fingerprint(self, settings: dict) -> str:
+        return hashlib.sha256(self.inputs + json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+    def kept(self, name: str, fingerprint: str) -> tuple[dict, dict] | None:
         """The staged checkpoint of `name` if an earlier run made it from the same inputs and settings, else None."""
         try:
-            tensors, meta = load_checkpoint(staging / f"{name}.safetensors", args.model, dim, args.protocol, name)
+            tensors, meta = load_checkpoint(self.path(name), self.args.model, self.dim, self.args.protocol, name)
         except UsageError:  # none, or unreadable: made again
             return None
         return (tensors, meta) if meta.get("made_with") == fingerprint else None
 
-    def validate(method, mode: str) -> dict[str, float]:
-        """Validation nDCG@10 per task, ranked by the evaluation's own index and search."""
-        keys = ("docs", "queries", "doc_ids", "query_ids")
-        return {task: ndcg_at_10(methods.rank(method, mode, **{k: v[k] for k in keys}), v["qrels"]) for task, v in validation.items()}
 
-    for name in ("float", "stage1_zero"):
-        print(f"{name:12s} validation nDCG@10 " + "  ".join(f"{t} {v:.4f}" for t, v in
-                                                            validate(methods.make_method(name, dim), next(iter(methods.modes_of(name, dim)))).items()))
+def fit_one(name: str, data: FittingData, validation: Validation, staging: Staging, common: dict) -> bool:
+    """Fit a method fitted on texts (or keep its staged checkpoint) and print its validation nDCG@10 in its own search.
+    False when it cannot be fitted (one line; the other methods go on)."""
+    start, fingerprint = time.time(), staging.fingerprint({"method": name})
+    if previous := staging.kept(name, fingerprint):
+        method = methods.make_method(name, data.dim)
+        method.load_state(previous[0], staging.path(name))
+        how = f"kept from an interrupted run ({staging.path(name)})"
+    else:
+        try:
+            method = fit(name, data.embeddings)
+        except UsageError as e:
+            tqdm.write(f"{name}: skipped, {str(e).removeprefix(name + ': ')}")
+            return False
+        save_checkpoint(staging.path(name), method.state(), fitted_metadata(common, name, data.dim, len(data.embeddings))
+                        | {"made_with": fingerprint})
+        how = f"fitted on {len(data.embeddings):,} texts in {time.time() - start:.1f}s"
+    mode = methods.own_mode(name, data.dim)
+    tqdm.write(f"{name}: {how}; validation nDCG@10 ({mode}) {validation.text(method, mode)}")
+    return True
 
-    # every method that applies at this dimension; one that cannot, or whose fit fails, is one line and the rest go on
-    to_save = []  # (staged, final path): moved together at the end, so an interrupted run leaves the old set whole
-    bar = tqdm(args.methods, desc="methods", unit=" methods")  # a fit can take minutes (OPQ): the bar names the method
-    for name in bar:
-        bar.set_postfix_str(name)
-        if reason := methods.applies(name, dim):
-            tqdm.write(f"{name}: skipped, it does not apply at dimension {dim} ({reason})")
-            continue
-        start, method = time.time(), methods.make_method(name, dim)
-        staged, path = staging / f"{name}.safetensors", checkpoint_path(args.out, args.model, name, args.protocol)
-        meta = common | {"method": name, "description": methods.describe(name, dim)}
-        if name not in trained:
-            fingerprint = made_with({"method": name})
-            if previous := kept(name, fingerprint):
-                method.load_state(previous[0], staged)
-                how = f"kept from an interrupted run ({staged})"
-            else:
-                try:
-                    method.fit(embeddings)
-                except RuntimeError as e:  # faiss: e.g. fewer fitting texts than k-means centroids or PCA components
-                    tqdm.write(f"{name}: skipped, cannot be fitted on {len(embeddings):,} texts ({str(e).splitlines()[0].split('failed: ')[-1]})")
-                    continue
-                save_checkpoint(staged, method.state(), meta | {"fitted_on": f"{len(embeddings):,} fitting texts",
-                                                                "made_with": fingerprint})
-                how = f"fitted on {len(embeddings):,} texts in {time.time() - start:.1f}s"
-            to_save.append((staged, path))
-            mode = next(iter(methods.modes_of(name, dim)))
-            tqdm.write(f"{name}: {how}; validation nDCG@10 ({mode}) "
-                       + "  ".join(f"{t} {v:.4f}" for t, v in validate(method, mode).items()))
-            continue
-        sim_weight, contrastive_weight = weights[name]
-        lr = args.lr or methods.entry(name).lr or LR
-        settings = {"method": name, "temperature": args.temperature, "loss": [sim_weight, contrastive_weight],
-                    "activation": args.activation, "epochs": args.epochs, "lr": lr, "batch_size": args.batch_size,
-                    "random_inits": args.random_inits}
-        if previous := kept(name, fingerprint := made_with(settings)):
-            to_save.append((staged, path))
-            tqdm.write(f"{name}: kept from an interrupted run ({staged}; init {previous[1]['initialisation']})")
-            continue
-        tqdm.write(f"{name}: loss {sim_weight} * similarity_preservation + {contrastive_weight} * info_nce")
 
-        def validate_quantizer(quantizer, method=method, name=name):
-            method.load_state(quantizer.export(embeddings), Path(f"<{name} in training>"))
-            return validate(method, "hamming")
+def train_one(name: str, args, data: FittingData, validation: Validation, staging: Staging, common: dict) -> None:
+    """Train every candidate of a learned method (or keep its staged checkpoint) and stage the best on validation,
+    ranked by the method's own search."""
+    start, (sim_weight, contrastive_weight) = time.time(), loss_weights(args, name)
+    lr = args.lr or methods.entry(name).lr or LR
+    settings = {"method": name, "temperature": args.temperature, "loss": [sim_weight, contrastive_weight],
+                "activation": args.activation, "epochs": args.epochs, "lr": lr, "batch_size": args.batch_size,
+                "random_inits": args.random_inits}
+    if previous := staging.kept(name, fingerprint := staging.fingerprint(settings)):
+        tqdm.write(f"{name}: kept from an interrupted run ({staging.path(name)}; init {previous[1]['initialisation']})")
+        return
+    tqdm.write(f"{name}: loss {sim_weight} * similarity_preservation + {contrastive_weight} * info_nce")
+    method, mode = methods.make_method(name, data.dim), methods.own_mode(name, data.dim)
 
-        quantizer, init, scores = train_candidates(
-            lambda: make_quantizer(name, dim, args.temperature), embeddings, validate_quantizer, args.random_inits, args.seed,
-            pairs=pairs, epochs=args.epochs, batch_size=args.batch_size, lr=lr, activation=args.activation,
-            sim_weight=sim_weight, contrastive_weight=contrastive_weight)
-        save_checkpoint(staged, quantizer.export(embeddings), meta | {
-            "quantizer": type(quantizer).__name__, "initialisation": init, "temperature": str(args.temperature),
-            "loss": f"{sim_weight} * similarity_preservation + {contrastive_weight} * info_nce(t={NCE_TEMPERATURE})",
-            "activation": args.activation, "epochs": str(args.epochs), "lr": str(lr), "batch_size": str(args.batch_size),
-            "validation_ndcg_at_10": scores, "made_with": fingerprint})
-        to_save.append((staged, path))
-        tqdm.write(f"{name}: chose init {init} (validation mean nDCG@10 {scores[init]['mean']:.4f}); "
-                   f"{len(scores)} candidates trained in {time.time() - start:.1f}s")
-    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the set is written whole: Ctrl-C waits the milliseconds
+    def validate(quantizer):
+        method.load_state(quantizer.export(data.embeddings), Path(f"<{name} in training>"))
+        return validation.ndcg(method, mode)
+
+    pairs = (torch.from_numpy(data.anchors), torch.from_numpy(data.positives), torch.from_numpy(data.pair_source))
+    quantizer, init, scores = train_candidates(
+        lambda: make_quantizer(name, data.dim, args.temperature), data.embeddings, validate, args.random_inits, args.seed,
+        pairs=pairs, epochs=args.epochs, batch_size=args.batch_size, lr=lr, activation=args.activation,
+        sim_weight=sim_weight, contrastive_weight=contrastive_weight)
+    save_checkpoint(staging.path(name), quantizer.export(data.embeddings), common | {
+        "method": name, "description": methods.describe(name, data.dim), "quantizer": type(quantizer).__name__,
+        "initialisation": init, "temperature": str(args.temperature),
+        "loss": f"{sim_weight} * similarity_preservation + {contrastive_weight} * info_nce(t={NCE_TEMPERATURE})",
+        "activation": args.activation, "epochs": str(args.epochs), "lr": str(lr), "batch_size": str(args.batch_size),
+        "validation_ndcg_at_10": scores, "made_with": fingerprint})
+    tqdm.write(f"{name}: chose init {init} (validation mean nDCG@10 {scores[init]['mean']:.4f}); "
+               f"{len(scores)} candidates trained in {time.time() - start:.1f}s")
+
+
+def commit(moves: list[tuple[Path, Path]]) -> None:
+    """Move the staged checkpoints into place together: Ctrl-C waits the milliseconds this takes, so an interrupted
+    run never leaves the set half old, half new."""
+    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        for staged, path in to_save:
+        for staged, path in moves:
             write_atomic(path, staged.read_bytes())
-        for staged, _ in to_save:
+        for staged, _ in moves:
             staged.unlink()
     finally:
         signal.signal(signal.SIGINT, ctrl_c)
-    print(f"wrote {len(to_save)} checkpoints to {checkpoint_path(args.out, args.model, 'x', args.protocol).parent}")
+
+
+def run(args) -> None:
+    """Check the folders and weights, embed the data, then fit or train each method that applies, then commit."""
+    for name in args.methods:
+        if methods.entry(name).learned:
+            loss_weights(args, name)  # refused before any work
+    check_writable(checkpoint_path(args.out, args.model, "x", args.protocol).parent, "checkpoint folder")
+    check_writable(args.cache_dir, "embedding cache folder")
+    training = load_training_data(args.train_data, args.protocol, args.tasks, args.max_per_source, args.seed,
+                                  args.in_domain_pairs, beir_dir=args.data_dir)  # every file read and checked first
+    held_out = read_validation(args.data_dir, args.tasks, args.seed)
+    base = BaseModel(args.model, args.cache_dir, args.device)
+    validation = embed_validation(base, held_out)
+    data = embed_fitting_data(base, *training)
+    common = common_metadata(args.model, args.protocol, data.dim, args.seed, data.sources)
+    common["validation_query_ids"] = {task: v["query_ids"] for task, v in validation.tasks.items()}
+    staging = Staging(args, data, validation, common)
+    for name in ("float", "stage1_zero"):  # the references every method's validation line reads against
+        print(f"{name:12s} validation nDCG@10 {validation.text(methods.make_method(name, data.dim), methods.own_mode(name, data.dim))}")
+    moves = []  # (staged, final path): moved together at the end
+    bar = tqdm(args.methods, desc="methods", unit=" methods")  # a fit can take minutes (OPQ): the bar names the method
+    for name in bar:
+        bar.set_postfix_str(name)
+        if reason := methods.applies(name, data.dim):
+            tqdm.write(f"{name}: skipped, it does not apply at dimension {data.dim} ({reason})")
+            continue
+        if methods.entry(name).learned:
+            train_one(name, args, data, validation, staging, common)
+        elif not fit_one(name, data, validation, staging, common):
+            continue
+        moves.append((staging.path(name), checkpoint_path(args.out, args.model, name, args.protocol)))
+    commit(moves)
+    print(f"wrote {len(moves)} checkpoints to {checkpoint_path(args.out, args.model, 'x', args.protocol).parent}")
 
 
 if __name__ == "__main__":

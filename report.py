@@ -34,6 +34,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 import methods  # noqa: E402
+import results  # noqa: E402
+from results import PER_QUERY, read_per_query  # noqa: E402
 from data import PROTOCOLS, SEED, UsageError, write_atomic  # noqa: E402
 
 RESAMPLES = 10_000  # paired randomisation test and bootstrap interval over per-query nDCG@10
@@ -49,8 +51,6 @@ DEPTH_TARGET = 0.99  # the retention the depth table asks for
 FAMILY_COLOURS = {"float": "black", "cast": "tab:gray", "scalar": "tab:blue", "pca": "tab:green", "binary": "tab:red",
                   "pq": "tab:purple", "rabitq": "tab:orange", "multi-level": "tab:brown"}  # another family gets the next free colour
 CROSS_MODEL = "cross-model{}.md"  # written beside the results folders it compares; "-in-domain" when they are in-domain
-PER_QUERY = "per_query.csv.gz"  # per-query nDCG@10 of every row, beside latest.csv (gzip: 5 MB of text)
-MODE_MARKERS = {"exact": "o", "hamming": "s", "asym": "^", "sym": "v", "rerank": "D", "rerank_int8": "d", "qb4": "P", "qb8": "X"}
 
 
 def paired_test(a: np.ndarray, b: np.ndarray, seed: int = SEED) -> tuple[float, float, float, float]:
@@ -211,7 +211,7 @@ def goal_results(table: pd.DataFrame, info: dict[str, dict], dim: int, goals=GOA
             fits = table[[not info[row]["keeps_float"] for row in table.index]]
         else:
             budget, nbytes, label = np.inf, "any bytes", f"≤ {format_bits(bits)} bits/dim, {mode}"
-            fits = table[[info[row]["mode"] == mode and info[row].get("bits_per_dimension", np.inf) <= bits + 1e-9 for row in table.index]]
+            fits = table[[info[row]["mode"] == mode and info[row].get("information_bits", np.inf) <= bits + 1e-9 for row in table.index]]
         best = best_within(fits, budget)
         short = None if best is None else 100 * (target - table.retention[best])
         verdict = ("nothing fits" if best is None else "met" if short <= 0
@@ -254,7 +254,8 @@ def format_cell(value: float, fmt: str) -> str:
 
 def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: str, info: dict[str, dict], dim: int,
                     budgets=None, baseline: str = BASELINE) -> str:
-    """Markdown: every row by bytes with the Pareto-optimal ones marked, then the best row within each byte budget.
+    """Markdown: every row by bytes with the Pareto-optimal ones marked, the best row within each byte budget, the
+    frontier goals, learned against training-free rows and the re-ranking depth.
 
     Args:
         rows: Long form, as returned by `add_statistics` (without its metrics there are no marks, retention or Δ).
@@ -273,11 +274,19 @@ def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: 
         of the one against the other per task.
     """
     all_rows, rows = rows, rows[~rows.method.map(lambda r: info.get(r, {}).get("extra", False))]  # depth rows: own table
-    table, labels = summarise(rows, info), list(column_labels(rows).values())
-    budgets = budgets_for(dim) if budgets is None else budgets
-    metrics = set(rows.metric)
+    table = summarise(rows, info)
+    lines = [f"## {title}", ""] + main_table_lines(rows, table, info, reference, baseline)
+    lines += budget_table_lines(rows, table, per_query, budgets_for(dim) if budgets is None else budgets)
+    lines += goal_lines(table, info, dim)
+    lines += learned_table(rows, per_query, info, table)
+    lines += depth_table(all_rows, info)
+    return "\n".join(lines)
 
-    # the main table: significance marks on each task's nDCG@10, Δ and p against the baseline
+
+def main_table_lines(rows: pd.DataFrame, table: pd.DataFrame, info: dict[str, dict], reference: str, baseline: str) -> list[str]:
+    """Markdown lines: every row by bytes, nDCG@10 per task marked where it differs from the reference (*) or the
+    baseline (†), the mean, the retention, Δ and p against the baseline, and the Pareto mark."""
+    labels, metrics = list(column_labels(rows).values()), set(rows.metric)
     out = pd.DataFrame({"row": table.index, "bytes": table.bytes.map("{:,.0f}".format)}, index=table.index)
     if all("describe" in info[row] for row in table.index):
         out.insert(1, "what it is", [info[row]["describe"] for row in table.index])
@@ -306,11 +315,37 @@ def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: 
         explained.append(f"Δ: nDCG@10 − {baseline}'s (p)")
     out["pareto"] = table.pareto.map({True: "◆", False: ""})
     explained.append("◆ Pareto-optimal: no row with fewer or equal bytes has a higher mean, nor a smaller row an equal one")
-    lines = [f"## {title}", "", "; ".join(explained) + ".", "",
-             out.to_markdown(index=False, disable_numparse=True, colalign=["left" if c in ("row", "what it is") else "right" for c in out.columns[:-1]] + ["center"]), ""]
+    align = ["left" if c in ("row", "what it is") else "right" for c in out.columns[:-1]] + ["center"]
+    return ["; ".join(explained) + ".", "", out.to_markdown(index=False, disable_numparse=True, colalign=align), ""]
 
-    # the budget table: the best row that fits, against the best learned-threshold row that fits
-    split_of = {label: key for key, label in column_labels(rows).items()}
+
+def budget_cells(rows: pd.DataFrame, per_query: dict, best: str | None, learned: str | None, tested: dict) -> dict:
+    """Per task label: the best row against the best learned row (paired test, once per pair in `tested`), and
+    whether it is significantly better on every task."""
+    labels, split_of = list(column_labels(rows).values()), {label: key for key, label in column_labels(rows).items()}
+    cells, better = {}, []
+    for label in labels:
+        task, split = split_of[label]
+        if best is None or learned is None:
+            cell = "—"
+        elif best == learned:
+            cell = "same row"
+        elif (task, split, best) in per_query and (task, split, learned) in per_query:
+            if (task, split, best, learned) not in tested:
+                tested[task, split, best, learned] = paired_test(*aligned(per_query, task, split, best, learned))
+            delta, _, _, p = tested[task, split, best, learned]
+            cell = format_test(delta, p)
+            better.append(delta > 0 and p < ALPHA)
+        else:
+            cell = "no per-query scores"
+        cells[f"Δ {label} (p)"] = cell
+    cells["sig. better"] = ("yes" if all(better) else "no") if len(better) == len(labels) else "—"
+    return cells
+
+
+def budget_table_lines(rows: pd.DataFrame, table: pd.DataFrame, per_query: dict, budgets) -> list[str]:
+    """Markdown lines: per budget in bytes, the best row that fits, its bytes, mean and retention, the best
+    learned-threshold row that fits, and the one tested against the other per task."""
     budget_rows, tested = [], {}  # a pair of rows is often the best at several budgets: test it once
     for budget in budgets:
         best, learned = best_within(table, budget), best_within(table, budget, learned_only=True)
@@ -322,34 +357,36 @@ def frontier_report(rows: pd.DataFrame, per_query: dict, title: str, reference: 
             entry.update(bytes=f"{table.bytes[best]:,.0f}", mean=f"{table['mean'][best]:.4f}")
             if "retention" in table:
                 entry["retention"] = format_cell(table.retention[best], ".1%")
-        better = []
-        for label in labels:
-            task, split = split_of[label]
-            if best is None or learned is None:
-                cell = "—"
-            elif best == learned:
-                cell = "same row"
-            elif (task, split, best) in per_query and (task, split, learned) in per_query:
-                if (task, split, best, learned) not in tested:
-                    tested[task, split, best, learned] = paired_test(*aligned(per_query, task, split, best, learned))
-                delta, _, _, p = tested[task, split, best, learned]
-                cell = format_test(delta, p)
-                better.append(delta > 0 and p < ALPHA)
-            else:
-                cell = "no per-query scores"
-            entry[f"Δ {label} (p)"] = cell
-        entry["sig. better"] = ("yes" if all(better) else "no") if len(better) == len(labels) else "—"
-        budget_rows.append(entry)
+        budget_rows.append(entry | budget_cells(rows, per_query, best, learned, tested))
     budget_table = pd.DataFrame(budget_rows)
     align = ["left" if c in ("best row", "best learned") else "center" if c == "sig. better" else "right" for c in budget_table]
-    lines += ["### Best row within each budget", "",
-              "best row: highest mean nDCG@10 with bytes ≤ budget; best learned: the same among learned-threshold rows; "
-              f"Δ: best row − best learned, per task (p; * p < {ALPHA}); sig. better: significantly better on every task.", "",
-              budget_table.to_markdown(index=False, disable_numparse=True, colalign=align), ""]
-    lines += goal_lines(table, info, dim)
-    lines += learned_table(rows, per_query, info, table)
-    lines += depth_table(all_rows, info)
-    return "\n".join(lines)
+    return ["### Best row within each budget", "",
+            "best row: highest mean nDCG@10 with bytes ≤ budget; best learned: the same among learned-threshold rows; "
+            f"Δ: best row − best learned, per task (p; * p < {ALPHA}); sig. better: significantly better on every task.", "",
+            budget_table.to_markdown(index=False, disable_numparse=True, colalign=align), ""]
+
+
+def stale_lines(stale: dict[str, str]) -> str:
+    """Markdown: the rows scored with a checkpoint that has changed since, and why (their numbers are not the
+    checkpoint's any more: rerun them with --methods)."""
+    return ("### Stale rows\n\nScored with a checkpoint that has changed or gone since; rerun their methods "
+            "(evaluate_quantization_mteb.py --methods ...):\n\n" + "\n".join(f"- {row}: {why}" for row, why in stale.items()))
+
+
+def trained_on(record: dict) -> str:
+    """"; fitted and trained on beir-small/, pairs/" from the sources of the rows' checkpoints, or ""."""
+    sources = sorted({s for entry in record.get("rows", {}).values() for s in entry.get("sources", [])})
+    return f"; fitted and trained on {', '.join(sources)}" if sources else ""
+
+
+def timing_section(record: dict, n_tasks: int, slow: float = 2.0) -> str:
+    """Markdown: the time per row from the run record (search and scoring through mteb, every task; embeddings from
+    the cache once encoded), and the rows over `slow` seconds per task."""
+    per_task = {row: e["wall_s"] / n_tasks for row, e in record.get("rows", {}).items() if "wall_s" in e}
+    over = [f"{row} {s:.1f} s" for row, s in sorted(per_task.items(), key=lambda kv: -kv[1]) if s > slow]
+    return (f"### Time per row\n\n{n_tasks * sum(per_task.values()):.1f} s over {len(per_task)} rows and {n_tasks} tasks: "
+            f"{sum(per_task.values()) / max(len(per_task), 1):.2f} s per row and task on average; over {slow:g} s per "
+            f"task: {', '.join(over) if over else 'none'}.")
 
 
 def learned_table(rows: pd.DataFrame, per_query: dict, info: dict[str, dict], table: pd.DataFrame) -> list[str]:
@@ -360,10 +397,10 @@ def learned_table(rows: pd.DataFrame, per_query: dict, info: dict[str, dict], ta
     out = []
     for learned in [r for r in table.index if info[r].get("learned")]:
         for free in table.index:
-            same = all(info[free].get(k) == info[learned].get(k) for k in ("family", "mode", "bits_per_dimension"))
+            same = all(info[free].get(k) == info[learned].get(k) for k in ("family", "mode", "information_bits"))
             if info[free].get("learned") or not same or info[learned]["mode"] not in ("hamming", "asym"):
                 continue
-            entry, wins = {"bits/dim": format_cell(info[learned].get("bits_per_dimension"), ".3g"), "mode": info[learned]["mode"],
+            entry, wins = {"bits/dim": format_cell(info[learned].get("information_bits"), ".3g"), "mode": info[learned]["mode"],
                            "learned": learned, "training-free": free}, []
             for label in labels:
                 task, split = split_of[label]
@@ -389,7 +426,7 @@ def depth_rows(rows: pd.DataFrame, info: dict[str, dict]) -> pd.DataFrame:
     if "retention" not in set(rows.metric):
         return pd.DataFrame()
     retention = metric_table(rows, "retention").mean(axis=1, skipna=False)
-    picked = [r for r in retention.index if info[r]["mode"] == "rerank_int8" and "depth" in info[r]]
+    picked = [r for r in retention.index if info[r]["mode"] == methods.DEPTH_MODE and "depth" in info[r]]
     if not picked:
         return pd.DataFrame()
     frame = pd.DataFrame([(info[r]["method"], info[r]["depth"], retention[r]) for r in picked], columns=["method", "k", "retention"])
@@ -403,7 +440,7 @@ def depth_table(rows: pd.DataFrame, info: dict[str, dict], target: float = DEPTH
     by_depth = depth_rows(rows, info)
     if by_depth.empty or by_depth.shape[1] < 2:
         return []
-    bits = {info[r]["method"]: info[r].get("bits_per_dimension") for r in info}
+    bits = {info[r]["method"]: info[r].get("information_bits") for r in info}
     out = []
     for width in sorted({bits[m] for m in by_depth.index}):
         group = by_depth[[bits[m] == width for m in by_depth.index]]
@@ -456,7 +493,7 @@ def plot(rows: pd.DataFrame, title: str, info: dict[str, dict]) -> bytes:
     families = list(dict.fromkeys(info[row]["family"] for row in table.index))
     modes = list(dict.fromkeys(info[row]["mode"] for row in table.index))
     families.sort(key=lambda f: list(FAMILY_COLOURS).index(f) if f in FAMILY_COLOURS else len(FAMILY_COLOURS))
-    modes.sort(key=lambda m: list(MODE_MARKERS).index(m) if m in MODE_MARKERS else len(MODE_MARKERS))
+    modes.sort(key=list(methods.MODES).index)
     spare = iter(c for c in plt.get_cmap("tab20").colors if c not in FAMILY_COLOURS.values())
     colours = {f: FAMILY_COLOURS.get(f) or next(spare) for f in families}
     fig, axes = plt.subplots(1, len(labels), figsize=(6.5 * len(labels), 5.5), squeeze=False, layout="constrained")
@@ -468,7 +505,7 @@ def plot(rows: pd.DataFrame, title: str, info: dict[str, dict]) -> bytes:
                 color="tab:cyan", alpha=0.6, linewidth=2, zorder=1)
         for row, r in panel.iterrows():
             colour, hollow = colours[info[row]["family"]], info[row].get("keeps_float", False)
-            ax.plot(r.bytes, r[label], MODE_MARKERS.get(info[row]["mode"], "X"), color=colour, markersize=7,
+            ax.plot(r.bytes, r[label], methods.MODES[info[row]["mode"]].marker, color=colour, markersize=7,
                     markerfacecolor="none" if hollow else colour, zorder=2)
         # name the frontier rows up and to the left of their points, where no row can be (it would be on the frontier);
         # a name too close above the previous one is lifted and joined to its point by a thin line
@@ -492,7 +529,7 @@ def plot(rows: pd.DataFrame, title: str, info: dict[str, dict]) -> bytes:
         ax.grid(alpha=0.3)
     fig.legend(handles=[Line2D([], [], marker="o", linestyle="", color=colours[f], label=f) for f in families],
                loc="outside right upper", fontsize=8, title="family", title_fontsize=8)
-    fig.legend(handles=[Line2D([], [], marker=MODE_MARKERS.get(m, "X"), linestyle="", color="gray", label=m) for m in modes]
+    fig.legend(handles=[Line2D([], [], marker=methods.MODES[m].marker, linestyle="", color="gray", label=m) for m in modes]
                + [Line2D([], [], marker="o", linestyle="", color="gray", markerfacecolor="none", label="keeps float vectors"),
                   Line2D([], [], color="tab:cyan", alpha=0.6, linewidth=2, label="frontier")],
                loc="outside right lower", fontsize=8, title="mode", title_fontsize=8)
@@ -522,43 +559,16 @@ def copy_sections(document: str) -> str:
 # the cross-model report: several models' results folders side by side
 
 
-def per_query_csv(per_query: dict[tuple[str, str, str], pd.Series]) -> bytes:
-    """`per_query` as long-form CSV (task, split, method, query_id, ndcg_at_10), at full precision so a paired test
-    read back from it is the one the run made."""
-    frames = [pd.DataFrame({"task": task, "split": split, "method": row, "query_id": scores.index.astype(str),
-                            "ndcg_at_10": scores.to_numpy(dtype=float)}) for (task, split, row), scores in per_query.items()]
-    columns = ["task", "split", "method", "query_id", "ndcg_at_10"]
-    text = pd.concat(frames).to_csv(index=False) if frames else ",".join(columns) + "\n"
-    return gzip.compress(text.encode(), mtime=0)  # mtime 0: the same scores give the same bytes
-
-
-def read_per_query(path: Path) -> dict[tuple[str, str, str], pd.Series]:
-    """A `per_query_csv` file back as (task, split, row) -> nDCG@10 per query, indexed by query id.
-
-    Raises:
-        UsageError: If the file is not such a CSV.
-    """
-    try:
-        frame = pd.read_csv(path, dtype={"task": str, "split": str, "method": str, "query_id": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
-        raise UsageError(f"{path} is not a per-query CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    missing = {"task", "split", "method", "query_id", "ndcg_at_10"} - set(frame.columns)
-    if missing:
-        raise UsageError(f"{path} has no column {', '.join(sorted(missing))}; is it the evaluation's {PER_QUERY}?")
-    return {key: group.set_index("query_id").ndcg_at_10.rename(None)
-            for key, group in frame.groupby(["task", "split", "method"], sort=False)}
-
-
 def row_info(name: str, mode: str, dim: int) -> dict:
     """What the report needs to know of a row of method `name` in `mode` at dimension `dim`, from the registry."""
     return dict(method=name, family=methods.family_of(name, dim), mode=mode, learned=methods.entry(name).learned,
-                keeps_float=mode in methods.KEEPS_FLOAT, bytes=methods.row_bytes(name, dim, mode),
-                describe=methods.describe(name, dim), bits_per_dimension=methods.bits_per_dimension(name, dim))
+                keeps_float=methods.keeps_float(mode), bytes=methods.row_bytes(name, dim, mode),
+                describe=methods.describe(name, dim), information_bits=methods.information_bits(name, dim))
 
 
 def registry_info(row_names, dim: int) -> tuple[dict[str, dict], list[str]]:
     """`info` for each row name the registry has at dimension `dim` (method, family, mode, learned, keeps_float,
-    bits_per_dimension, as the evaluation builds it; a depth row "<row>@k" also has depth and extra), and the names it
+    information_bits, as the evaluation builds it; a depth row "<row>@k" also has depth and extra), and the names it
     does not have (rows of an older registry)."""
     known = {row: (name, mode) for name in methods.METHODS if methods.applies(name, dim) is None
              for row, mode in methods.rows_of(name, dim).items()}
@@ -618,12 +628,8 @@ def read_results(folder: Path) -> ModelResults:
         raise UsageError(f"{folder} is not a folder")
     if not (folder / "latest.csv").is_file():
         raise UsageError(f"{folder} has no latest.csv (the evaluation writes it: evaluate_quantization_mteb.py --output {folder})")
-    try:
-        rows = pd.read_csv(folder / "latest.csv", dtype={"task": str, "split": str, "method": str, "metric": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UsageError(f"{folder / 'latest.csv'} is not a results CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    missing = {"task", "split", "method", "metric", "value"} - set(rows.columns)
-    missing = missing or {"ndcg_at_10", "bytes_per_vector", "retention"} - set(rows.metric)
+    rows = results.read_latest(folder / results.LATEST)
+    missing = {"ndcg_at_10", "bytes_per_vector", "retention"} - set(rows.metric)
     missing = missing or (set() if pd.api.types.is_numeric_dtype(rows.value) else {"numeric values"})
     if missing:
         raise UsageError(f"{folder / 'latest.csv'} has no {', '.join(sorted(missing))}; is it the evaluation's latest.csv?")
@@ -673,11 +679,11 @@ def budget_lines(models: list[ModelResults], winners: dict[float, list[str | Non
 
 def goal_lines_by_model(models: list[ModelResults], goals=GOALS) -> list[str]:
     """Markdown lines: each model's `goal_results` side by side, a row per goal."""
-    results = [goal_results(model.table, model.info, model.dim, goals) for model in models]
+    per_model = [goal_results(model.table, model.info, model.dim, goals) for model in models]
     out = []
     for i, (bits, _, mode) in enumerate(goals):
-        entry = {"bits/dim": format_bits(bits) + (f", {mode}" if mode else ""), "goal": results[0][i]["goal"]}
-        for model, result in zip(models, results):
+        entry = {"bits/dim": format_bits(bits) + (f", {mode}" if mode else ""), "goal": per_model[0][i]["goal"]}
+        for model, result in zip(models, per_model):
             entry[f"{model.label}: budget"] = result[i]["bytes"]
             entry[f"{model.label}: best row"] = result[i]["best row"]
             entry[f"{model.label}: measured"] = result[i]["measured"]
@@ -698,7 +704,7 @@ def family_lines(models: list[ModelResults]) -> list[str]:
     shared.sort(key=lambda row: order.index(first.info[row]["family"]) if first.info[row]["family"] in order else len(order))
     out = []
     for row in shared:
-        bits = dict.fromkeys(format_cell(model.info[row]["bits_per_dimension"], ".3g") for model in models)
+        bits = dict.fromkeys(format_cell(model.info[row]["information_bits"], ".3g") for model in models)
         entry = {"family": first.info[row]["family"], "row": row, "bits/dim": " / ".join(bits)}
         entry |= {f"bytes {model.label}": f"{model.table.bytes[row]:,.0f}" for model in models}
         entry |= {f"retention {model.label}": format_cell(model.table.retention[row], ".1%") for model in models}
@@ -834,9 +840,53 @@ def write_cross_model(folders: list[str], bits=BUDGET_BITS) -> Path:
     return path
 
 
+def grouped(rows: list[str], dim: int, most: int = 12) -> str:
+    """Row names for a status line: a method whose every row is listed becomes "<method> (all N rows)"; at most `most`
+    names, then how many more."""
+    names, left = [], list(rows)
+    for name in methods.METHODS:
+        own = [r for r in methods.table_rows(name, dim) if r in left] if methods.applies(name, dim) is None else []
+        if len(own) > 1 and len(own) == len(methods.table_rows(name, dim)):
+            names.append(f"{name} (all {len(own)} rows)")
+            left = [r for r in left if r not in own]
+    names += left
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def status_lines(results_dir: Path, checkpoints_dir: Path) -> tuple[list[str], bool]:
+    """A line per model's results folder under `results_dir` (one with a run record or a checkpoints folder; each
+    protocol): complete, or its missing, stale and unrecorded rows and its methods without a checkpoint; and whether
+    every folder is complete."""
+    folders = sorted(p.parent for pattern in ("*/latest.csv", *(f"*/{p}/latest.csv" for p in PROTOCOLS[1:]))
+                     for p in Path(results_dir).glob(pattern))
+    model_folder = lambda f: f.parent if f.name in PROTOCOLS else f  # noqa: E731
+    folders = [f for f in folders if (f / results.RECORD).is_file() or (Path(checkpoints_dir) / model_folder(f).name).is_dir()]
+    if not folders:
+        raise UsageError(f"no model's results under {results_dir} (the evaluation writes <model-slug>/latest.csv)")
+    lines, complete = [], True
+    for folder in folders:
+        s = results.status(folder, checkpoints_dir)
+        problems = {k: s[k] for k in ("missing", "stale", "unrecorded", "no_checkpoint") if s[k]}
+        complete &= not problems
+        said = [f"{len(v)} {k.replace('_', ' ')}: {grouped(v, s['dimension']) if k != 'stale' else '; '.join(v)}"
+                for k, v in problems.items()]
+        said += [f"{len(s['unknown'])} not in the registry (left out of reports): {', '.join(s['unknown'])}"] if s["unknown"] else []
+        lines.append(f"{folder} (d = {s['dimension']}, {s['protocol']}): " + ("; ".join(said) if said else "complete"))
+    return lines, complete
+
+
 def main(argv: list[str]) -> None:
-    """`--compare <folder> <folder> ...`: write the cross-model report; otherwise each argument is a markdown file
-    whose `<!-- from ... -->` tables are refreshed from the results files. Bad input: one error line, exit 1."""
+    """`--status [results] [checkpoints]`: each model's table against the registry (exit 1 unless complete);
+    `--compare <folder> <folder> ...`: write the cross-model report; otherwise each argument is a markdown file whose
+    `<!-- from ... -->` tables are refreshed from the results files. Bad input: one error line, exit 1."""
+    if argv[:1] == ["--status"]:
+        try:
+            lines, complete = status_lines(Path(argv[1] if len(argv) > 1 else "results"),
+                                           Path(argv[2] if len(argv) > 2 else "checkpoints"))
+        except UsageError as e:
+            sys.exit(f"error: {e}")
+        print("\n".join(lines))
+        sys.exit(0 if complete else 1)
     if argv[:1] == ["--compare"]:
         try:
             path = write_cross_model(argv[1:])
@@ -853,5 +903,5 @@ def main(argv: list[str]) -> None:
             f.write(updated)
 
 
-if __name__ == "__main__":  # python report.py README.md docs/findings.md | python report.py --compare results/a results/b
+if __name__ == "__main__":  # python report.py README.md docs/*.md | --compare results/a results/b | --status
     main(sys.argv[1:])

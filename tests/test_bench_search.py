@@ -19,7 +19,7 @@ import bench_search as bs
 import methods
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["--n", "1100", "--dim", "64", "--queries", "12", "--single", "2", "--rescore-k", "20", "10"]
+ARGS = ["--n", "1100", "--dim", "64", "--queries", "12", "--single", "2", "--rerank-depths", "20", "10"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def bench():
 
 def declaration(name, d):
     e = methods.METHODS[name]
-    return e.family, e.settings(d), e.fitted_on, e.quantizer
+    return e.family, methods.settings(name, d), e.fitted_on, e.quantizer
 
 
 def table(printed: str, title: str) -> dict[str, dict[str, str]]:
@@ -58,7 +58,7 @@ def test_json_keys_and_best_configurations(bench):
     assert (result["n"], result["dim"], result["reference"]) == (1100, 64, "float")
     configs = {bs.config_name(t) for t in (1, bs.THREADS)}
     for name, row in result["rows"].items():
-        assert set(row) == {"method", "mode", "rescore_k", "bytes", "reads", "floor_ms", "configs", "single_config",
+        assert set(row) == {"method", "mode", "rerank_k", "bytes", "reads", "floor_ms", "configs", "single_config",
                             "single_ms", "batch_config", "batch_s", "single_calls", "queries_timed", "fit_s",
                             "build_s"}, name
         assert set(row["configs"]) == configs, name
@@ -84,7 +84,7 @@ def test_every_registry_row_is_benchmarked(bench):
         else:
             for mode in methods.modes_of(name, d):
                 expected |= {(name, mode, k) for k in (depths if mode.startswith("rerank") else [None])}
-    got = {(row["method"], row["mode"], row["rescore_k"]) for row in result["rows"].values()}
+    got = {(row["method"], row["mode"], row["rerank_k"]) for row in result["rows"].values()}
     assert got == expected
     timed = sorted({name for name, _, _ in got})
     assert len({repr(declaration(name, d)) for name in timed}) == len(timed)  # no search timed twice (float_adapted)
@@ -108,9 +108,8 @@ def test_bytes_per_vector_are_the_registrys_and_the_built_rows(bench):
         declared = methods.row_bytes(row["method"], args.dim, row["mode"])
         assert int(best[row["row"]]["bytes/vec"].replace(",", "")) == result["rows"][row["row"]]["bytes"] == declared
         assert methods.stored_bytes(stored) == args.n * declared, row["row"]
-        if row["mode"].startswith("rerank"):  # every document's codes, then k rows of the re-rank store
-            store = next(v for k, v in stored.items() if k in ("float", "int8"))
-            reads = stored["index"].code_size * args.n + row["k"] * store.nbytes // args.n
+        if "rerank" in stored:  # every document's codes, then k rows of the re-ranker's documents
+            reads = stored["index"].code_size * args.n + row["k"] * stored["rerank"].nbytes // args.n
         else:
             reads = methods.stored_bytes(stored)
         assert result["rows"][row["row"]]["reads"] == reads, row["row"]
@@ -142,9 +141,9 @@ def test_timed_search_is_the_evaluations_rank(bench):
     with methods.one_faiss_thread():
         for row in rows:
             index = row["index"]
-            rescorer = index.rescorer.method if index.rescorer is not None else None  # the int8 method itself
+            reranker = index.reranker.method if index.reranker is not None else None  # the re-ranker itself
             ranking = methods.rank(index.method, row["mode"], docs, queries, ids, list(range(len(queries))), top=bs.TOP,
-                                   rescore_k=row["k"] or methods.RESCORE_K, rescorer=rescorer)
+                                   rerank_k=row["k"] or methods.RERANK_K, reranker=reranker)
             _, timed = bs.search(row, queries)
             np.testing.assert_array_equal(timed, [list(ranking[q]) for q in range(len(queries))], err_msg=row["row"])
 
@@ -155,7 +154,7 @@ def bench_command(*args):
 
 
 def test_command_line_ends_with_one_json_line():
-    proc = bench_command("--n", "1000", "--dim", "64", "--methods", "stage1_zero", "int8", "pq1.67b", "--rescore-k", "10",
+    proc = bench_command("--n", "1000", "--dim", "64", "--methods", "stage1_zero", "int8", "pq1.67b", "--rerank-depths", "10",
                          "50", "--queries", "10", "--single", "2")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -168,10 +167,10 @@ def test_command_line_ends_with_one_json_line():
 
 BAD_INPUT = {  # small runs: were a check gone, the run would be short and end with exit 0 or a traceback
     "n": ["--n", "15"],
-    "depth": ["--n", "300", "--dim", "64", "--methods", "float", "--rescore-k", "5"],
+    "depth": ["--n", "300", "--dim", "64", "--methods", "float", "--rerank-depths", "5"],
     "method": ["--n", "300", "--methods", "float", "nope"],
     "npz": ["--n", "300", "--embeddings", "NPZ"],
-    "depth above n": ["--n", "300", "--dim", "64", "--methods", "float", "--rescore-k", "400"],
+    "depth above n": ["--n", "300", "--dim", "64", "--methods", "float", "--rerank-depths", "400"],
     "not a number": ["--n", "abc"],
 }
 

@@ -14,6 +14,7 @@ import pytest
 
 import methods
 import report
+import results
 from conftest import ROOT
 
 MINILM = ROOT / "results" / "sentence-transformers__all-MiniLM-L6-v2"
@@ -38,7 +39,7 @@ def write_folder(folder, rows: pd.DataFrame, seed: int, per_query: bool = True) 
         scores[task, split, row] = pd.Series(ndcg + noise - noise.mean(), [f"{task}-q{i}" for i in range(QUERIES)])
         records += [(task, split, row, qid, value) for qid, value in scores[task, split, row].items()]
     if per_query:
-        pd.DataFrame(records, columns=["task", "split", "method", "query_id", "ndcg_at_10"]).to_csv(folder / report.PER_QUERY, index=False)
+        pd.DataFrame(records, columns=["task", "split", "method", "query_id", "ndcg_at_10"]).to_csv(folder / results.PER_QUERY, index=False)
     return scores
 
 
@@ -80,7 +81,7 @@ def brute_force_best(rows: pd.DataFrame, dim: int, budget: int) -> str | None:
     ties: fewer bytes, then the first in latest.csv."""
     modes = registry_rows(dim)
     wide = rows.pivot_table(index="method", columns="metric", values="value", aggfunc="mean", sort=False)
-    fits = wide[[modes.get(row) is not None and modes[row] not in methods.KEEPS_FLOAT for row in wide.index]]
+    fits = wide[[modes.get(row) is not None and not methods.keeps_float(modes[row]) for row in wide.index]]
     fits = fits[fits.bytes_per_vector <= budget]
     if fits.empty:
         return None
@@ -128,7 +129,7 @@ def brute_force_goal(rows: pd.DataFrame, dim: int, bits: float, target: float, m
     else:
         modes = registry_rows(dim)
         of_mode = [row for row in dict.fromkeys(rows.method) if modes.get(row) == mode
-                   and methods.bits_per_dimension(row.partition("+")[0], dim) <= bits]
+                   and methods.information_bits(row.partition("+")[0], dim) <= bits]
         best = brute_force_best(rows[rows.method.isin(of_mode)], dim, np.inf)
     retention = rows[(rows.method == best) & (rows.metric == "retention")].value.mean()
     short = round(100 * (target - retention), 1)
@@ -220,8 +221,8 @@ def test_in_domain_folders_get_their_own_report_beside_the_transfer_one(two_mode
 def test_per_query_scores_survive_the_csv_exactly(tmp_path):
     scores = {("T", "test", "x"): pd.Series([1 / 3, 2 / 7, 0.0, 1.0], ["2", "10", "a b", "007"]),
               ("T", "test", "y"): pd.Series([np.pi / 4, 0.1 + 0.2, 1e-17, 0.5], ["2", "10", "a b", "007"])}
-    (tmp_path / report.PER_QUERY).write_bytes(report.per_query_csv(scores))
-    back = report.read_per_query(tmp_path / report.PER_QUERY)
+    (tmp_path / results.PER_QUERY).write_bytes(results.per_query_csv(scores))
+    back = results.read_per_query(tmp_path / results.PER_QUERY)
     assert list(back) == list(scores)
     for key, series in scores.items():
         assert list(back[key].index) == list(series.index) and (back[key].to_numpy() == series.to_numpy()).all()

@@ -6,6 +6,7 @@ import datetime
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import encoders
 import evaluate_quantization_mteb as ev
 import methods
 import mteb_adapter
+import report
 from conftest import ROOT, evaluate, interrupt
 from encoders import DEFAULT_MODEL, model_slug
 
@@ -48,7 +50,7 @@ def expected_rows(protocol: str = "transfer") -> list[str]:
             for row, mode in methods.rows_of(name, DIM).items():
                 rows.append(row)
                 if mode == "rerank_int8":
-                    rows += [f"{row}@{k}" for k in methods.RERANK_DEPTHS if k != methods.RESCORE_K]
+                    rows += [f"{row}@{k}" for k in methods.RERANK_DEPTHS if k != methods.RERANK_K]
     return rows
 
 
@@ -113,9 +115,10 @@ def test_validation_in_training_and_the_evaluation_report_give_the_same_ndcg(eva
     for name in [n for n, e in methods.METHODS.items() if "transfer" in e.protocols]:
         method = checkpoints.load_method(name, DIM, DEFAULT_MODEL, fitted.checkpoints, "transfer")[0]
         for row, mode in methods.rows_of(name, DIM).items():
-            ranking = methods.rank(method, mode, **task, rescorer=int8)
+            reranker = {"int8": int8, "float": methods.make_method("float", DIM)}.get(methods.MODES[mode].reranker)
+            ranking = methods.rank(method, mode, **task, reranker=reranker)
             assert mteb_adapter.ndcg_at_10(ranking, qrels) == pytest.approx(ndcg[row], abs=1e-5), row
-            if mode == "hamming" and methods.bits_per_dimension(name, DIM) <= 1:
+            if mode == "hamming" and methods.information_bits(name, DIM) <= 1:
                 assert ties_that_count(ranking, qrels) >= 5, row
     printed = {line.split()[0]: float(line.split()[-1]) for line in fitted.stdout.splitlines()
                if " validation nDCG@10 " in line and not line.startswith(" ")}  # "float  validation nDCG@10 ... mean 0.8606"
@@ -134,8 +137,8 @@ def test_in_domain_evaluation_reads_in_domain_checkpoints_and_measures_against_f
     evaluate(*common, "--methods", "float", "stage1_trained", "--checkpoints", fitted_in_domain.checkpoints,
                       "--output", tmp_path / "results")
     rows, scores = pd.read_csv(tmp_path / "results" / "latest.csv"), mteb_scores(tmp_path / "results")
-    assert list(rows.method.unique()) == ["float", "stage1_trained", "stage1_trained+asym", "stage1_trained+rerank",
-                                          "stage1_trained+rerank_int8"] + [f"stage1_trained+rerank_int8@{k}" for k in (10, 20, 100, 200)] + ["float_adapted"]
+    assert list(rows.method.unique()) == ["float", "float_adapted", "stage1_trained", "stage1_trained+asym", "stage1_trained+rerank",
+                                          "stage1_trained+rerank_int8"] + [f"stage1_trained+rerank_int8@{k}" for k in (10, 20, 100, 200)]
     title = (tmp_path / "results" / "latest.md").read_text().splitlines()[0]
     assert set(rows.protocol) == {"in-domain"} and "protocol in-domain" in title and "on in-domain/, pairs/" in title
     # thresholds leave every float cosine as it is: the adapted float model is the float model, and the reference
@@ -177,7 +180,7 @@ def test_a_rerun_encodes_nothing_and_the_report_names_only_the_references_it_has
     (["--tasks"], "expected at least one argument"),
     (["--tasks", "SciFact", "--data-dir", "/nonexistent"], "data folder not found"),
     (["--tasks", "NFCorpus", "--data-dir", "{data}"], "no folder for NFCorpus"),
-    (["--tasks", "SciFact", "--rescore-k", "5"], "--rescore-k and --rerank-depths must be at least 10"),
+    (["--tasks", "SciFact", "--rerank-k", "5"], "--rerank-k and --rerank-depths must be at least 10"),
     (["--tasks", "SciFact", "--rerank-depths", "5", "50"], "must be at least 10 (nDCG@10 needs ten documents), got 5"),
     (["--tasks", "SciFact", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--tasks", "SciFact", "--methods", "stage1"], "invalid choice: 'stage1'"),
@@ -295,15 +298,37 @@ def test_missing_and_pickled_checkpoints_are_refused_with_one_line(fitted, tiny_
         assert not any(p.is_file() for p in (tmp_path / "results").rglob("*"))
         return exit_info.value.code
 
-    assert refused("pq1b", tmp_path / "empty").startswith(
-        f"error: no checkpoint at {tmp_path / 'empty' / model_slug(DEFAULT_MODEL) / 'pq1b.safetensors'}; make one with: "
-        f"python quantization_modules.py --model {DEFAULT_MODEL} --methods pq1b --out {tmp_path / 'empty'}")
+    assert refused("stage1_trained", tmp_path / "empty") == (
+        f"error: no row can run: stage1_trained: not trained yet (no checkpoint at {tmp_path / 'empty' / model_slug(DEFAULT_MODEL)}"
+        f"/stage1_trained.safetensors): python quantization_modules.py --model {DEFAULT_MODEL} --methods stage1_trained")
     pickled = checkpoints.checkpoint_path(tmp_path / "pickled", DEFAULT_MODEL, "stage2_trained")
     pickled.parent.mkdir(parents=True)
     import pickle
 
     pickled.write_bytes(pickle.dumps({"thresholds": np.zeros(384)}))
     assert "pickled checkpoints are refused" in refused("stage2_trained", tmp_path / "pickled")
+
+
+def test_a_method_fitted_on_texts_without_a_checkpoint_is_fitted_as_the_training_command_fits_it(fitted, train_data,
+                                                                                                  embedding_cache, tmp_path):
+    """No checkpoint for pq1b and int8: the evaluation fits them on the fitting texts (the same texts, fit and
+    checkpoint arrays as the training command's), writes their checkpoints where the training command would, scores
+    their rows, and a rerun loads them rather than fitting again. A learned method without one is one line."""
+    common = ["--tasks", "SciFact", "--data-dir", fitted.data_dir, "--cache-dir", embedding_cache, "--train-data", train_data,
+              "--checkpoints", tmp_path / "checkpoints", "--methods", "pq1b", "int8", "stage1_trained", "--modes"]
+    stdout = evaluate(*common, "--output", tmp_path / "results")
+    assert f"stage1_trained: skipped, not trained yet (no checkpoint at {tmp_path / 'checkpoints'}" in stdout
+    for name in ("pq1b", "int8"):
+        path = checkpoints.checkpoint_path(tmp_path / "checkpoints", DEFAULT_MODEL, name)
+        assert re.search(rf"^{name}: fitted on [0-9,]+ texts in [0-9.]+s, wrote {re.escape(str(path))}$", stdout, re.M)
+        ours = checkpoints.load_checkpoint(path, DEFAULT_MODEL, DIM, "transfer", name)
+        training = checkpoints.load_checkpoint(checkpoints.checkpoint_path(fitted.checkpoints, DEFAULT_MODEL, name),
+                                               DEFAULT_MODEL, DIM, "transfer", name)
+        assert ours[0].keys() == training[0].keys() and all(np.array_equal(ours[0][k], training[0][k]) for k in ours[0])
+        assert ours[1]["training_sources"] == training[1]["training_sources"] and ours[1]["fitted_by"] == "evaluate_quantization_mteb.py"
+    assert set(pd.read_csv(tmp_path / "results" / "latest.csv").method) == {"pq1b", "int8"}
+    again = evaluate(*common, "--output", tmp_path / "again")
+    assert "fitted on" not in again and "pq1b" in set(pd.read_csv(tmp_path / "again" / "latest.csv").method)
 
 
 def test_bad_data_is_refused_with_one_line(fitted, tiny_beir, tmp_path):
@@ -400,16 +425,17 @@ def test_two_runs_in_the_same_second_write_two_timestamped_files(tmp_path, tiny_
     second = files_under(output)
     assert {name: second[name] for name in ("20300102-030405.csv", "20300102-030405.md")} == {
         name: first[name] for name in ("20300102-030405.csv", "20300102-030405.md")}  # unchanged
-    assert set(pd.read_csv(output / "20300102-030405.csv").method) == {"stage1_zero"}
+    assert set(pd.read_csv(output / "20300102-030405.csv").method) == {"stage1_zero"}  # each run's own rows
     assert set(pd.read_csv(output / "20300102-030405-1.csv").method) == {"float"}
-    assert second["20300102-030405-1.md"] == second["latest.md"] and second["20300102-030405-1.csv"] == second["latest.csv"]
+    assert set(pd.read_csv(output / "latest.csv").method) == {"stage1_zero", "float"}  # the table: both runs'
+    assert list(json.loads((output / "record.json").read_text())["runs"]) == ["20300102-030405", "20300102-030405-1"]
 
 
 def test_a_failure_after_the_writability_check_leaves_no_new_output_folder(tmp_path, tiny_beir):
-    """The output folder is proved writable first, but created only when the results exist: a missing checkpoint,
+    """The output folder is proved writable first, but created only when the results exist: no row that can run,
     found after that check (as the methods load), leaves no empty folder (nor its parent) behind."""
-    with pytest.raises(SystemExit, match="error: no checkpoint at"):
-        evaluate("--tasks", "SciFact", "--data-dir", tiny_beir, "--methods", "float", "pq1b", "--checkpoints",
+    with pytest.raises(SystemExit, match="error: no row can run: stage1_trained: not trained yet"):
+        evaluate("--tasks", "SciFact", "--data-dir", tiny_beir, "--methods", "stage1_trained", "--checkpoints",
                  tmp_path / "empty", "--cache-dir", tmp_path / "cache", "--output", tmp_path / "new" / "results")
     assert not (tmp_path / "new").exists()
 
@@ -428,6 +454,7 @@ def test_every_row_ranks_the_tiny_set_without_shared_data(tmp_path, tiny_beir):
 
 
 def test_time_per_row_is_per_task_and_names_the_slow_rows():
-    section = ev.timing_section({"float": 1.0, "rabitq": 5.0, "pq1b": 4.2}, n_tasks=2)
+    record = {"rows": {row: {"wall_s": s} for row, s in {"float": 1.0, "rabitq": 5.0, "pq1b": 4.2}.items()}}
+    section = report.timing_section(record, n_tasks=2)
     assert "10.2 s over 3 rows and 2 tasks: 1.70 s per row and task on average" in section
     assert section.endswith("over 2 s per task: rabitq 2.5 s, pq1b 2.1 s.")

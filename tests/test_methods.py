@@ -78,21 +78,21 @@ def fitted(name: str, d: int):
     return method
 
 
-def rescorer(mode: str, d: int):
-    """The int8 method a rerank_int8 row re-ranks with (None for other modes)."""
-    return fitted("int8", d) if mode == "rerank_int8" else None
+def reranker(mode: str, d: int):
+    """The method a re-ranking row re-ranks with, as the registry's mode table names it (None for other modes)."""
+    return fitted(methods.MODES[mode].reranker, d) if methods.MODES[mode].reranker else None
 
 
-def built(name: str, d: int, mode: str, rescore_k: int = methods.RESCORE_K) -> methods.MethodIndex:
+def built(name: str, d: int, mode: str, rerank_k: int = methods.RERANK_K) -> methods.MethodIndex:
     """The evaluation's search backend for one row, with the documents added."""
-    index = methods.MethodIndex(fitted(name, d), mode, rescore_k, rescorer(mode, d))
+    index = methods.MethodIndex(fitted(name, d), mode, rerank_k, reranker(mode, d))
     index.add_documents(vectors(d).docs, [str(i) for i in range(N_DOCS)])
     return index
 
 
-def search_all(name: str, d: int, mode: str, rescore_k: int = methods.RESCORE_K):
+def search_all(name: str, d: int, mode: str, rerank_k: int = methods.RERANK_K):
     """Scores and ids of every document, best first, through the evaluation's backend."""
-    return built(name, d, mode, rescore_k).search(vectors(d).queries, N_DOCS)
+    return built(name, d, mode, rerank_k).search(vectors(d).queries, N_DOCS)
 
 
 def rows(dims=DIMS) -> list:
@@ -206,14 +206,14 @@ def first_of_each_family(d: int) -> list[str]:
                          + [(n, 384) for n in first_of_each_family(384)])
 def test_each_row_stores_the_bytes_it_declares(name, d):
     assert methods.applies(name, d) is None
-    settings = methods.METHODS[name].settings(d)
+    settings = methods.settings(name, d)
     for mode in methods.modes_of(name, d):
         stored = built(name, d, mode).stored
         declared = methods.row_bytes(name, d, mode)
         assert methods.stored_bytes(stored) == declared * N_DOCS, mode
         assert faiss_array_bytes(stored) == declared * N_DOCS, mode  # what faiss's arrays really hold
         if methods.METHODS[name].family is methods.FaissCodes:
-            assert declared == faiss.index_factory(d, settings["spec"], faiss.METRIC_INNER_PRODUCT).sa_code_size()
+            assert declared == faiss.index_factory(d, settings.spec, faiss.METRIC_INNER_PRODUCT).sa_code_size()
 
 
 def test_applies_says_why_a_method_cannot_be_built_at_a_dimension():
@@ -224,7 +224,7 @@ def test_applies_says_why_a_method_cannot_be_built_at_a_dimension():
         else:
             with pytest.raises(UsageError, match=re.escape(reason)):
                 methods.make_method(name, 6)
-    pairs = [name for name in methods.METHODS if methods.METHODS[name].settings(6).get("pairs")]
+    pairs = [name for name in methods.METHODS if methods.METHODS[name].family is methods.Stage2Codes]
     assert pairs and all("divisible by 4" in reasons[name] for name in pairs)  # Stage 2's pairs of halves: 6 / 2 is odd
 
 
@@ -235,7 +235,7 @@ def test_applies_says_why_a_method_cannot_be_built_at_a_dimension():
 @pytest.mark.parametrize("levels", [3, 4])
 def test_hamming_distance_of_thermometer_codes_is_the_l1_distance_of_levels(levels):
     rng = np.random.default_rng(levels)
-    method = methods.ThresholdCodes(24, levels=levels, thresholds="quantile")
+    method = methods.ThresholdCodes("q", 24, methods.ThresholdSettings(levels, "quantile"))
     method.fit(rng.standard_normal((500, 24)).astype(np.float32))
     x = rng.standard_normal((60, 24)).astype(np.float32)
     bits = np.unpackbits(method.encode(x), axis=1)[:, : 24 * (levels - 1)]
@@ -248,7 +248,7 @@ def test_hamming_distance_of_thermometer_codes_is_the_l1_distance_of_levels(leve
 @pytest.mark.parametrize("levels", [2, 3, 4, 16])
 def test_quantile_thresholds_are_the_fitting_values_quantiles(levels):
     x = np.random.default_rng(levels).standard_normal((300, 10)).astype(np.float32)
-    method = methods.ThresholdCodes(10, levels=levels, thresholds="quantile")
+    method = methods.ThresholdCodes("q", 10, methods.ThresholdSettings(levels, "quantile"))
     method.fit(x)
     expected = np.quantile(x, np.arange(1, levels) / levels, axis=0).T
     np.testing.assert_allclose(method.state()["thresholds"], expected, rtol=0, atol=1e-6)
@@ -256,7 +256,7 @@ def test_quantile_thresholds_are_the_fitting_values_quantiles(levels):
 
 def test_registry_quantile_thresholds_are_quantiles_of_the_compared_values():
     d = DIMS[0]
-    quantile = [n for n in methods.METHODS if methods.METHODS[n].settings(d).get("thresholds") == "quantile"]
+    quantile = [n for n in methods.METHODS if getattr(methods.settings(n, d), "thresholds", None) == "quantile"]
     for name in quantile:
         method = fitted(name, d)
         k = method.state()["thresholds"].shape[1] + 1
@@ -267,12 +267,13 @@ def test_registry_quantile_thresholds_are_quantiles_of_the_compared_values():
 def test_two_levels_at_zero_are_sentence_transformers_ubinary_sign_bits():
     x = np.random.default_rng(0).standard_normal((50, 37)).astype(np.float32)
     x[::3, ::4] = 0.0  # on the threshold: 0 is not > 0
-    assert np.array_equal(methods.ThresholdCodes(37).encode(x), quantize_embeddings(x, precision="ubinary"))
+    sign = methods.ThresholdCodes("sign", 37, methods.ThresholdSettings())
+    assert np.array_equal(sign.encode(x), quantize_embeddings(x, precision="ubinary"))
 
 
 def test_a_value_exactly_on_a_threshold_is_below_it():
     rng = np.random.default_rng(1)
-    method = methods.ThresholdCodes(8, levels=4, thresholds="quantile")
+    method = methods.ThresholdCodes("q", 8, methods.ThresholdSettings(4, "quantile"))
     method.fit(rng.standard_normal((400, 8)).astype(np.float32))
     thresholds = method.state()["thresholds"]
     x = np.repeat(rng.standard_normal((1, 8)).astype(np.float32), 3, axis=0)
@@ -320,7 +321,7 @@ def test_every_row_ranks_as_its_definition(name, d, mode):
     docs, queries = data.docs, data.queries
     scores, ids = search_all(name, d, mode)
     if isinstance(method, methods.ThresholdCodes):
-        pairs = bool(methods.METHODS[name].settings(d).get("pairs"))
+        pairs = isinstance(method, methods.Stage2Codes)
         doc_bits, query_bits = threshold_bits(method, docs, pairs), threshold_bits(method, queries, pairs)
         distances = hamming_distances(query_bits, doc_bits)
         if mode == "hamming":
@@ -329,9 +330,9 @@ def test_every_row_ranks_as_its_definition(name, d, mode):
         elif mode == "asym":
             assert_ranks_by(threshold_asym_scores(method, docs, queries, pairs), scores, ids, atol=1e-4)
         elif mode in ("rerank", "rerank_int8"):
-            int8 = fresh_faiss(rescorer("rerank_int8", d))  # the int8 documents, decoded by faiss
-            decoded = docs if mode == "rerank" else int8.sa_decode(int8.sa_encode(docs))
-            assert_reranks_the_hamming_head(queries @ decoded.T, distances, scores, ids, methods.RESCORE_K)
+            int8 = fresh_faiss(fitted("int8", d))  # the int8 documents, decoded by faiss
+            decoded = unit(docs) if mode == "rerank" else int8.sa_decode(int8.sa_encode(docs))
+            assert_reranks_the_hamming_head(queries @ decoded.T, distances, scores, ids, methods.RERANK_K)
         else:
             pytest.fail(f"no reference for {mode} of threshold codes")
     elif isinstance(method, methods.FaissCodes):
@@ -346,7 +347,7 @@ def test_every_row_ranks_as_its_definition(name, d, mode):
         if not isinstance(inner, (faiss.IndexFastScan, faiss.IndexRaBitQ)):  # those estimate; the others are exact
             assert_ranks_by(q @ index.sa_decode(index.sa_encode(docs)).T, scores, ids, atol=1e-4)
     elif isinstance(method, methods.PCA):
-        mean, top = numpy_pca(data.fit, methods.METHODS[name].settings(d)["k"])
+        mean, top = numpy_pca(data.fit, methods.settings(name, d).k)
         assert_ranks_by(unit((queries - mean) @ top) @ unit((docs - mean) @ top).T, scores, ids, atol=2e-3)
     elif type(method) is methods.Float:
         assert_ranks_by(unit(queries) @ unit(docs).T, scores, ids, atol=1e-5)
@@ -390,17 +391,17 @@ def test_pca_transforms_are_the_fitting_vectors_principal_components():
 def test_the_rerank_depth_reaches_the_search(name):
     d = 64
     _, hamming = search_all(name, d, "hamming")
-    _, one = search_all(name, d, "rerank", rescore_k=1)
-    _, fifty = search_all(name, d, "rerank", rescore_k=50)
+    _, one = search_all(name, d, "rerank", rerank_k=1)
+    _, fifty = search_all(name, d, "rerank", rerank_k=50)
     assert np.array_equal(one[:, 0], hamming[:, 0]) and np.array_equal(one, hamming)  # one re-ranked: Hamming's list
     assert not np.array_equal(one[:, 1:], fifty[:, 1:])
-    scores, ids = search_all(name, d, "rerank", rescore_k=N_DOCS)
+    scores, ids = search_all(name, d, "rerank", rerank_k=N_DOCS)
     assert_ranks_by(vectors(d).queries @ vectors(d).docs.T, scores, ids, atol=1e-5)  # all re-ranked: exact float
 
 
 def test_lsh_is_the_same_seeded_rotation_every_time():
     d = 128  # from d = 128, faiss's QR moves with the thread count (by 6e-7 here) unless pinned to one
-    lsh = [n for n in methods.METHODS if methods.METHODS[n].settings(d).get("transform") == "lsh"]
+    lsh = [n for n in methods.METHODS if getattr(methods.settings(n, d), "transform", None) == "lsh"]
     assert lsh
     for name in lsh:
         faiss.omp_set_num_threads(2)  # the thread count must not move the rotation either (restored by the fixture)
@@ -445,7 +446,7 @@ def test_a_saved_state_loads_to_the_same_codes_and_search(name, tmp_path):
     loaded = load_method(name, d, DEFAULT_MODEL, tmp_path, "transfer")[0]
     assert np.array_equal(loaded.encode(data.docs), method.encode(data.docs))
     for mode in methods.modes_of(name, d):
-        index = methods.MethodIndex(loaded, mode, rescorer=rescorer(mode, d))
+        index = methods.MethodIndex(loaded, mode, reranker=reranker(mode, d))
         index.add_documents(data.docs)
         for got, want in zip(index.search(data.queries, N_DOCS), search_all(name, d, mode)):
             assert np.array_equal(got, want), mode

@@ -66,7 +66,7 @@ def test_every_registry_method_runs_at_every_dimension(projection_model, few_tra
     out, results = tmp_path / "checkpoints", tmp_path / "results"
     # conftest's 592 fitting texts: at d = 1,024 OPQ cannot be fitted (it needs one text per dimension; faiss crashed
     # below that), which the training command says in one line and goes on; the evaluation then runs the others
-    few = [n for n in TRANSFER if methods.entry(n).settings(d).get("spec", "").startswith("OPQ")] if d > 592 else []
+    few = [n for n in TRANSFER if getattr(methods.settings(n, d), "spec", "").startswith("OPQ")] if d > 592 else []
     start, cpu = time.time(), time.process_time()  # wall and CPU time (the machine may be shared)
     training = run_training([str(a) for a in [*common, "--train-data", few_train_data, "--out", out, "--random-inits", "0", "--epochs", "1"]])
     trained_in, trained_cpu = time.time() - start, time.process_time() - cpu
@@ -110,7 +110,8 @@ def test_every_registry_method_runs_at_every_dimension(projection_model, few_tra
     for name in applying:
         method = checkpoints.load_method(name, d, str(model_dir), out, "transfer")[0]
         for row, mode in methods.rows_of(name, d).items():
-            kept = methods.stored_bytes(method.build(docs, mode, int8 if mode == "rerank_int8" else None))
+            reranker = {"int8": int8, "float": methods.make_method("float", d)}.get(methods.MODES[mode].reranker)
+            kept = methods.stored_bytes(method.build(docs, mode, reranker))
             assert kept == 32 * stored[row], row
     ndcg = rows[rows.metric == "ndcg_at_10"].set_index("method").value
     assert 0.7 < ndcg["float"] < 0.95 and ndcg.between(0.3, ndcg["float"] + 0.02).all(), ndcg.to_dict()

@@ -36,9 +36,14 @@ def hard_bits(quantizer, x) -> np.ndarray:
     quantizer.straight_through = True
     try:
         with torch.no_grad():
-            return (quantizer(torch.as_tensor(x, dtype=torch.float32)) > 0.5).numpy()
+            return (quantizer.soft_bits(torch.as_tensor(x, dtype=torch.float32)) > 0.5).numpy()
     finally:
         quantizer.straight_through = False
+
+
+def signed(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 bits -> -1/+1, so that a dot product is bits - 2 * Hamming distance."""
+    return 2 * bits.float() - 1
 
 
 def registry_bits(method, x) -> np.ndarray:
@@ -98,7 +103,8 @@ def test_a_value_exactly_on_a_threshold_gives_bit_0_in_the_hard_forward_as_in_th
             assert np.array_equal(bits_above, registry_bits(exported(name, quantizer, on), above)), name
             if not isinstance(quantizer, qm.QuantizationModuleStage2):  # (a soft pair ORs two 0.5s into 0.75)
                 with torch.no_grad():  # the soft code on a threshold is 0.5: read at 0.5, bit 0 as well
-                    assert np.array_equal(quantizer(on).numpy() > 0.5, bits), name
+                    assert np.array_equal(quantizer.soft_bits(on).numpy() > 0.5, bits), name
+                    assert np.array_equal(quantizer(on).numpy() > 0, bits), name  # forward: the same code as +-1
     quantizer = qm.QuantizationModuleStage1(4)
     quantizer.thresholds.data = thresholds[:, :1].clone()
     assert not hard_bits(quantizer, thresholds[:, 0][None]).any()
@@ -110,7 +116,7 @@ def test_each_torch_quantisers_hard_code_is_its_registry_methods_code_after_expo
     method searched with. The values are kept 1e-3 from every threshold, so float rounding cannot flip a bit."""
     d, g = 64, torch.Generator().manual_seed(3)
     quantizer = qm.make_quantizer(name, d)
-    assert quantizer.levels == methods.METHODS[name].settings(d).get("levels", 2)
+    assert quantizer.levels == methods.settings(name, d).levels
     quantizer.thresholds.data = 0.1 * torch.randn(d, quantizer.levels - 1, generator=g)
     rotation = torch.eye(d)
     if hasattr(quantizer, "rotation"):
@@ -121,7 +127,7 @@ def test_each_torch_quantisers_hard_code_is_its_registry_methods_code_after_expo
         values[near] = 0.15 * torch.randn(int(near.sum()), generator=g)
     x = values @ rotation  # the quantiser compares x @ rotation.T = values
     module, registry = hard_bits(quantizer, x), registry_bits(exported(name, quantizer, x), x)
-    assert module.shape == registry.shape == (500, methods.ThresholdCodes.code_bits(d, **methods.METHODS[name].settings(d)))
+    assert module.shape == registry.shape == (500, methods.METHODS[name].family.code_bits(d, methods.settings(name, d)))
     assert np.array_equal(thermometer(module, quantizer.levels), registry)
     hamming = lambda b: (b[:, None, :] != b[None, :, :]).sum(2)  # noqa: E731 - what the search ranks by
     assert np.array_equal(hamming(module[:50]), hamming(registry[:50]))
@@ -132,8 +138,9 @@ def test_straight_through_is_hard_forward_and_sigmoid_backward():
     quantizer.thresholds.data = 0.01 * torch.randn(384, 1, generator=torch.Generator().manual_seed(1))
     quantizer.straight_through = True
     x = random_embeddings()
-    soft = quantizer(x)
+    soft = quantizer.soft_bits(x)
     torch.testing.assert_close(soft, (x > quantizer.thresholds.detach()[:, 0]).float())
+    torch.testing.assert_close(quantizer(x), 2 * soft - 1)  # what the losses compare: the code as +-1
     soft.sum().backward()
     s = torch.sigmoid(10.0 * (x - quantizer.thresholds.detach()[:, 0]))  # d/dt sigmoid(T (x - t)) = -T s (1 - s)
     torch.testing.assert_close(quantizer.thresholds.grad[:, 0], (-10.0 * s * (1 - s)).sum(0), rtol=1e-4, atol=1e-5)
@@ -216,7 +223,7 @@ def test_training_moves_the_thresholds_to_where_code_cosines_match_float_cosines
     train, held_out = x[:1024], x[1024:]
 
     def code_loss_and_mean_cosine(quantizer):
-        codes = qm.to_signed(torch.from_numpy(hard_bits(quantizer, held_out)))
+        codes = signed(torch.from_numpy(hard_bits(quantizer, held_out)))
         cosines = torch.nn.functional.normalize(codes, dim=1) @ torch.nn.functional.normalize(codes, dim=1).T
         mean_cosine = (cosines.sum() - len(codes)).item() / len(codes) / (len(codes) - 1)  # off the diagonal
         return qm.similarity_preservation_loss(held_out, codes).item(), mean_cosine
@@ -234,7 +241,7 @@ def test_training_moves_the_thresholds_to_where_code_cosines_match_float_cosines
     assert (torch.sign(t[large]) == -torch.sign(offset[large])).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("name", [n for n in TRAINED if methods.METHODS[n].settings(32).get("levels", 2) > 2])
+@pytest.mark.parametrize("name", [n for n in TRAINED if methods.settings(n, 32).levels > 2])
 def test_a_multi_level_quantiser_learns_and_its_export_round_trips_through_a_checkpoint(name, tmp_path):
     """Thermometer codes at 3 and 4 levels, started at a random candidate's thresholds (the quantiles moved at random,
     crossing some): training lowers the similarity loss, per epoch and on the whole set with the hard codes; the
@@ -245,7 +252,7 @@ def test_a_multi_level_quantiser_learns_and_its_export_round_trips_through_a_che
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(1024, d, generator=g) + 0.3 * torch.randn(d, generator=g), dim=1)
     quantizer.thresholds.data = qm.initial_thresholds("random0", x, quantizer.levels, 0)
-    hard_loss = lambda: qm.similarity_preservation_loss(x, qm.to_signed(torch.from_numpy(hard_bits(quantizer, x)))).item()  # noqa: E731
+    hard_loss = lambda: qm.similarity_preservation_loss(x, signed(torch.from_numpy(hard_bits(quantizer, x)))).item()  # noqa: E731
     before = hard_loss()
     losses = qm.train_quantizer(quantizer, x, epochs=8, batch_size=128, lr=1e-2, verbose=False)
     assert len(losses) == 8 and losses[-1] < 0.95 * losses[0], losses
@@ -293,7 +300,7 @@ def test_each_activation_trains_and_the_best_validation_candidate_is_kept():
         return {"tiny": score}
 
     best, init, scores = qm.train_candidates(lambda: qm.QuantizationModuleStage1(384), x, validate, n_random=2, epochs=1)
-    assert list(scores) == qm.candidate_inits(2, 2) == ["zero", "median", "random0", "random1"]
+    assert list(scores) == qm.QuantizationModuleStage1(8).candidate_inits(2) == ["zero", "median", "random0", "random1"]
     assert [s["tiny"] for s in scores.values()] == [s for _, s in scored]
     winner = max(range(len(scored)), key=lambda i: scored[i][1])
     assert best is scored[winner][0] and init == list(scores)[winner] and scores[init]["mean"] == scored[winner][1]
@@ -409,7 +416,7 @@ def test_the_kept_candidate_is_the_best_on_validation_and_its_checkpoint_scores_
     for name in TRAINED:
         method, meta = checkpoints.load_method(name, 384, DEFAULT_MODEL, fitted.checkpoints, "transfer")
         validation = json.loads(meta["validation_ndcg_at_10"])
-        assert list(validation) == qm.candidate_inits(method.levels, 0), name
+        assert list(validation) == qm.make_quantizer(name, 384).candidate_inits(0), name
         assert validation[meta["initialisation"]]["mean"] == max(v["mean"] for v in validation.values()), name
         score = mteb_adapter.ndcg_at_10(methods.rank(method, "hamming", **task), qrels)
         assert score == pytest.approx(validation[meta["initialisation"]]["SciFact"], abs=1e-9), name

@@ -174,7 +174,7 @@ def test_report_on_subsets_of_rows(known_frontier):
 
 def test_plot_is_a_png_with_a_panel_per_task(known_frontier):
     rows, scores, info, nbytes = known_frontier
-    info["pca96"] = {**info["pca96"], "family": "pca", "mode": "a mode nobody declared"}
+    info["pca96"] = {**info["pca96"], "family": "a family with no colour of its own", "mode": "qb8"}
     one_task = report.plot(rows, "one task", info)
     two_tasks = report.plot(pd.concat([rows, rows.assign(task="U")]), "two tasks", info)
     for png in (one_task, two_tasks):
@@ -219,8 +219,8 @@ def test_significantly_better_means_on_every_task(known_frontier):
 def test_learned_rows_are_compared_with_training_free_rows_of_the_same_bits_and_mode(known_frontier):
     rows, scores, info, nbytes = known_frontier
     for row in info:
-        info[row] = {**info[row], "bits_per_dimension": 1.0}
-    info["s2"]["bits_per_dimension"] = 0.75  # no training-free row at 0.75 bits: not compared
+        info[row] = {**info[row], "information_bits": 1.0}
+    info["s2"]["information_bits"] = 0.75  # no training-free row at 0.75 bits: not compared
     info["int8"]["family"] = "scalar"
     rows = report.add_statistics(rows, scores, "float", baseline="sign")
     table = markdown_table(report.frontier_report(rows, scores, "t", "float", info, 384, baseline="sign"), "bits/dim")
@@ -240,7 +240,7 @@ def test_the_depth_table_names_the_first_depth_that_reaches_99_percent():
         row = "sign+rerank_int8" + ("" if k == 50 else f"@{k}")
         scores["T", "test", row] = pd.Series(0.5 * r + SPREAD, queries)
         info[row] = {"method": "sign", "family": "binary", "mode": "rerank_int8", "learned": False, "keeps_float": False, "depth": k,
-                     "extra": k != 50, "bits_per_dimension": 1.0}
+                     "extra": k != 50, "information_bits": 1.0}
     rows = report.add_statistics(long_rows(scores, {r: 432 for _, _, r in scores}), scores, "float")
     markdown = report.frontier_report(rows, scores, "t", "float", info, 384)
     depth = markdown_table(markdown, "bits/dim")[-1]
