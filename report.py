@@ -15,7 +15,6 @@ The evaluation also writes `per_query` beside latest.csv (`per_query_csv`), so t
     python report.py README.md docs/*.md                              # refreshes their tables from the results files
 """
 
-import gzip
 import io
 import itertools
 import os
@@ -475,14 +474,46 @@ def depth_plot(rows: pd.DataFrame, info: dict[str, dict], title: str) -> bytes |
     return buffer.getvalue()
 
 
+def plot_panel(ax, panel: pd.DataFrame, label: str, info: dict[str, dict], colours: dict) -> None:
+    """One task's panel: every row at its bytes and nDCG@10, the frontier as a step line, the frontier rows named."""
+    on = panel[pareto_optimal(panel.bytes, panel[label])].sort_values("bytes")
+    steps = on[on[label] > on[label].cummax().shift(fill_value=-np.inf)]  # one point per rise of the frontier
+    ax.step([*steps.bytes, panel.bytes.max()], [*steps[label], steps[label].iloc[-1]], where="post",
+            color="tab:cyan", alpha=0.6, linewidth=2, zorder=1)
+    for row, r in panel.iterrows():
+        colour, hollow = colours[info[row]["family"]], info[row].get("keeps_float", False)
+        ax.plot(r.bytes, r[label], methods.MODES[info[row]["mode"]].marker, color=colour, markersize=7,
+                markerfacecolor="none" if hollow else colour, zorder=2)
+    # name the frontier rows up and to the left of their points, where no row can be (it would be on the frontier);
+    # a name too close above the previous one is lifted and joined to its point by a thin line
+    span = max(panel[label].max() - panel[label].min(), 1e-3)
+    name_y = -np.inf
+    for row, r in on.iterrows():
+        name_y = max(r[label] + 0.01 * span, name_y + 0.05 * span)
+        lifted = name_y > r[label] + 0.02 * span
+        ax.annotate(row, (r.bytes, r[label]), xytext=(r.bytes / 1.06, name_y), ha="right", va="bottom", fontsize=7,
+                    arrowprops=dict(arrowstyle="-", color="gray", linewidth=0.5) if lifted else None)
+    ax.set(xscale="log", xlabel="bytes per vector (log scale)", ylabel="nDCG@10", title=label)
+    left, right = panel.bytes.min() / 5, panel.bytes.max() * 1.5  # room on the left for the names
+    ticks = [*PLOT_TICKS]
+    while ticks[-1] < panel.bytes.max():
+        ticks.append(2 * ticks[-1])  # 768, 1,536, ...
+    ticks = [b for b in ticks if left <= b <= right]
+    ax.set_xticks(ticks, [f"{b:,.0f}" for b in ticks], fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlim(left, right)
+    ax.set_ylim(panel[label].min() - 0.05 * span, max(panel[label].max(), name_y) + 0.08 * span)
+    ax.grid(alpha=0.3)
+
+
 def plot(rows: pd.DataFrame, title: str, info: dict[str, dict]) -> bytes:
     """nDCG@10 against bytes per vector, one panel per task.
 
     Args:
         rows: Long form with the metrics ndcg_at_10 and bytes_per_vector.
         title: The figure's title.
-        info: Row name -> {"family", "mode", "keeps_float", ...}: colour per family, marker per mode, hollow when the
-            row keeps float vectors besides its codes.
+        info: Row name -> {"family", "mode", "keeps_float", ...}: colour per family, marker per mode (methods.MODES),
+            hollow when the row keeps float vectors besides its codes.
 
     Returns:
         A PNG. Log-scale bytes; each panel's frontier (the best nDCG@10 reachable at each size) is a step line, and
@@ -498,35 +529,7 @@ def plot(rows: pd.DataFrame, title: str, info: dict[str, dict]) -> bytes:
     colours = {f: FAMILY_COLOURS.get(f) or next(spare) for f in families}
     fig, axes = plt.subplots(1, len(labels), figsize=(6.5 * len(labels), 5.5), squeeze=False, layout="constrained")
     for ax, label in zip(axes[0], labels):
-        panel = table[table[label].notna()]
-        on = panel[pareto_optimal(panel.bytes, panel[label])].sort_values("bytes")
-        steps = on[on[label] > on[label].cummax().shift(fill_value=-np.inf)]  # one point per rise of the frontier
-        ax.step([*steps.bytes, panel.bytes.max()], [*steps[label], steps[label].iloc[-1]], where="post",
-                color="tab:cyan", alpha=0.6, linewidth=2, zorder=1)
-        for row, r in panel.iterrows():
-            colour, hollow = colours[info[row]["family"]], info[row].get("keeps_float", False)
-            ax.plot(r.bytes, r[label], methods.MODES[info[row]["mode"]].marker, color=colour, markersize=7,
-                    markerfacecolor="none" if hollow else colour, zorder=2)
-        # name the frontier rows up and to the left of their points, where no row can be (it would be on the frontier);
-        # a name too close above the previous one is lifted and joined to its point by a thin line
-        span = max(panel[label].max() - panel[label].min(), 1e-3)
-        name_y = -np.inf
-        for row, r in on.iterrows():
-            name_y = max(r[label] + 0.01 * span, name_y + 0.05 * span)
-            lifted = name_y > r[label] + 0.02 * span
-            ax.annotate(row, (r.bytes, r[label]), xytext=(r.bytes / 1.06, name_y), ha="right", va="bottom", fontsize=7,
-                        arrowprops=dict(arrowstyle="-", color="gray", linewidth=0.5) if lifted else None)
-        ax.set(xscale="log", xlabel="bytes per vector (log scale)", ylabel="nDCG@10", title=label)
-        left, right = panel.bytes.min() / 5, panel.bytes.max() * 1.5  # room on the left for the names
-        ticks = [*PLOT_TICKS]
-        while ticks[-1] < panel.bytes.max():
-            ticks.append(2 * ticks[-1])  # 768, 1,536, ...
-        ticks = [b for b in ticks if left <= b <= right]
-        ax.set_xticks(ticks, [f"{b:,.0f}" for b in ticks], fontsize=8)
-        ax.minorticks_off()
-        ax.set_xlim(left, right)
-        ax.set_ylim(panel[label].min() - 0.05 * span, max(panel[label].max(), name_y) + 0.08 * span)
-        ax.grid(alpha=0.3)
+        plot_panel(ax, table[table[label].notna()], label, info, colours)
     fig.legend(handles=[Line2D([], [], marker="o", linestyle="", color=colours[f], label=f) for f in families],
                loc="outside right upper", fontsize=8, title="family", title_fontsize=8)
     fig.legend(handles=[Line2D([], [], marker=methods.MODES[m].marker, linestyle="", color="gray", label=m) for m in modes]

@@ -1,5 +1,9 @@
 """Shared fixtures: the real packaged model, a tiny BEIR folder written here, a slice of the real SciFact, real
-fitting texts, and one run of the real training command whose checkpoints the other tests load."""
+fitting texts, and one run of the real training command whose checkpoints the other tests load.
+
+Two tiers. A test is slow when it needs a fixture that runs the commands on real data (SLOW_FIXTURES) or is marked
+`slow` itself (it runs a command in a process of its own, or encodes real texts): the full suite runs every test, the
+edit loop's tier `pytest -m "not slow"` the others, in a couple of minutes."""
 
 import contextlib
 import io
@@ -48,6 +52,20 @@ TINY_QUERIES = {
     "q5": ("What makes bread dough rise?", "d5"),
     "q6": ("What causes tides in the sea?", "d6"),
 }
+
+
+SLOW_FIXTURES = {"fitted", "fitted_in_domain", "evaluated", "task_embeddings", "scifact_slice", "task_with_ties", "shared_copy",
+                 "in_domain_task", "embedding_cache", "projection_model", "bench", "tiny", "tiny_training"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs the commands on real data or in a process of their own (full suite only)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 def write_beir(folder: Path, corpus: dict, queries: dict, qrels: list[tuple[str, str, int]], split: str = "test") -> Path:
@@ -102,18 +120,21 @@ def shared_beir() -> Path:
     return SHARED_BEIR
 
 
+def beir_slice(source: Path, folder: Path, n_queries: int, n_others: int) -> Path:
+    """The first `n_queries` test queries of a BEIR folder (by id), their relevant documents and `n_others` other
+    documents, written to `folder` (test qrels only)."""
+    corpus, queries, qrels = data.load_beir(source, "test")
+    qids = sorted(qrels, key=lambda q: (len(q), q))[:n_queries]  # numeric ids in numeric order
+    relevant = list(dict.fromkeys(d for q in qids for d in qrels[q]))  # in a fixed order, run after run
+    others = [d for d in corpus if d not in relevant][:n_others]
+    return write_beir(folder, {d: corpus[d] for d in [*relevant, *others]}, {q: queries[q] for q in qids},
+                      [(q, d, s) for q in qids for d, s in qrels[q].items()])
+
+
 @pytest.fixture(scope="session")
 def scifact_slice(tmp_path_factory, shared_beir) -> Path:
     """The first 60 SciFact test queries, their relevant documents and 400 other documents, from ../shared."""
-    source = shared_beir / "scifact"
-    corpus, queries, qrels = data.load_beir(source, "test")
-    qids = sorted(qrels, key=int)[:60]
-    relevant = list(dict.fromkeys(d for q in qids for d in qrels[q]))  # in a fixed order, run after run
-    others = [d for d in corpus if d not in relevant][:400]
-    folder = tmp_path_factory.mktemp("slice") / "scifact"
-    write_beir(folder, {d: corpus[d] for d in [*relevant, *others]}, {q: queries[q] for q in qids},
-               [(q, d, s) for q in qids for d, s in qrels[q].items()])
-    return folder.parent
+    return beir_slice(shared_beir / "scifact", tmp_path_factory.mktemp("slice") / "scifact", 60, 400).parent
 
 
 @pytest.fixture(scope="session")

@@ -128,6 +128,7 @@ def test_bad_input_is_one_error_line(args, says, tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # refused before anything was planted
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_command_line_is_one_line_on_stderr():
     process = subprocess.run([sys.executable, "bench_scale.py", "--methods", "nope"], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)

@@ -153,6 +153,7 @@ def bench_command(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_command_line_ends_with_one_json_line():
     proc = bench_command("--n", "1000", "--dim", "64", "--methods", "stage1_zero", "int8", "pq1.67b", "--rerank-depths", "10",
                          "50", "--queries", "10", "--single", "2")
@@ -175,6 +176,7 @@ BAD_INPUT = {  # small runs: were a check gone, the run would be short and end w
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", BAD_INPUT.values(), ids=BAD_INPUT)
 def test_bad_input_is_one_error_line(args, tmp_path):
     np.savez(tmp_path / "emb.npz", x=np.ones((400, 384), np.float32))

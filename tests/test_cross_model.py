@@ -237,6 +237,7 @@ def refused(*folders) -> str:
     return error
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_writes_nothing(two_models, tmp_path):
     a = shutil.copytree(two_models["folders"][0], tmp_path / "org__model-a")
     (tmp_path / "empty").mkdir()

@@ -137,6 +137,7 @@ def test_in_domain_training_refuses_train_qrels_naming_an_unknown_document(tiny_
         data.load_training_data(tmp_path, "in-domain", ["SciFact"], beir_dir=tiny_beir)
 
 
+@pytest.mark.slow
 def test_the_evaluation_refuses_bad_data_before_it_loads_the_model(tiny_beir, tmp_path):
     with open(tiny_beir / "scifact" / "corpus.jsonl", "ab") as f:
         f.write(b'{"_id": "d9", "text": "caf\xe9"}\n')

@@ -349,6 +349,7 @@ def test_bad_data_is_refused_with_one_line(fitted, tiny_beir, tmp_path):
     refused("missing qrels file")
 
 
+@pytest.mark.slow
 def test_command_line_error_is_one_line_without_traceback():
     result = subprocess.run([sys.executable, "evaluate_quantization_mteb.py", "--tasks", "NFCorpuss"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -357,6 +358,7 @@ def test_command_line_error_is_one_line_without_traceback():
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "NFCorpus" in result.stderr
 
 
+@pytest.mark.slow
 def test_hub_failure_is_one_line_pointing_to_data_dir(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # no download, even online
     result = subprocess.run([sys.executable, "evaluate_quantization_mteb.py", "--tasks", "SciFact", "--methods", "float",
@@ -370,6 +372,7 @@ def files_under(folder) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_one_line_exits_130_and_leaves_no_output_or_temporary_file(tmp_path, tiny_beir):
     """A real SIGINT while mteb evaluates the first row (its progress bar has just appeared)."""
     (tmp_path / "tmp").mkdir()
@@ -440,6 +443,7 @@ def test_a_failure_after_the_writability_check_leaves_no_new_output_folder(tmp_p
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_every_row_ranks_the_tiny_set_without_shared_data(tmp_path, tiny_beir):
     """No ../shared needed: the tiny set written in conftest and the committed checkpoints. Each query has one relevant
     document among unrelated ones, so float finds every one first; a reversed ranking scores about 0.3."""

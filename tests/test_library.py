@@ -82,6 +82,7 @@ def test_a_fitted_encoder_refuses_a_checkpoint_of_another_model_or_dimension(tmp
         library.load_encoder("stage1_trained", checkpoints=tmp_path, device="cpu")
 
 
+@pytest.mark.slow
 def test_readme_snippet_runs_as_written():
     readme = (ROOT / "README.md").read_text()
     snippet = re.search(r"## Use it as a library\n.*?```python\n(.*?)```", readme, re.S).group(1)
@@ -90,6 +91,7 @@ def test_readme_snippet_runs_as_written():
     assert "[0 1]" in result.stdout or "[0, 1]" in result.stdout  # each query finds its own document first
 
 
+@pytest.mark.slow
 def test_a_run_shows_progress_in_texts_and_none_of_the_silenced_warnings(tmp_path, tiny_beir):
     many = tmp_path / "data" / "scifact"  # enough documents for a progress bar: the tiny set plus 300 filler texts
     with open(many / "corpus.jsonl", "a") as f:

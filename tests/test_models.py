@@ -23,7 +23,7 @@ import encoders
 import library
 import methods
 import mteb_adapter
-from conftest import ROOT, SHARED_DATA, evaluate, interrupt, require, run_training, write_beir, write_qrels
+from conftest import ROOT, evaluate, interrupt, run_training, write_beir, write_qrels
 from embedding_cache import KEYS, EmbeddingCache, cache_key
 
 pytestmark = pytest.mark.usefixtures("faiss_one_thread")
@@ -117,6 +117,7 @@ def test_every_registry_method_runs_at_every_dimension(projection_model, few_tra
     assert 0.7 < ndcg["float"] < 0.95 and ndcg.between(0.3, ndcg["float"] + 0.02).all(), ndcg.to_dict()
 
 
+@pytest.mark.slow
 def test_a_method_that_does_not_apply_at_the_dimension_is_one_skipped_line_in_each_command(tmp_path, tiny_beir):
     """At 390 dimensions Stage 2's pairs do not fit (390 is not divisible by 4): both commands name it in one line,
     write nothing for it, and go on with the others."""
@@ -243,6 +244,7 @@ evaluate_quantization_mteb.main()
 """
 
 
+@pytest.mark.slow
 def test_an_encoding_interrupted_after_k_chunks_resumes_with_them_cached(shared_beir, tmp_path, monkeypatch, model):
     """A real SIGINT to the evaluation once it has written 3 cache shards (the 60 queries, then 2 chunks of 256
     documents) of a task of 1,500 texts: exit 130, one line, no results; the cache holds at least those 3 shards, and

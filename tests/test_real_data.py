@@ -63,10 +63,3 @@ def test_committed_checkpoints_load_and_say_what_made_them(protocol, shared_beir
         for task, ids in json.loads(meta["validation_query_ids"]).items():
             assert ids and not set(ids) & test_queries[task], (name, task)
     assert {p.stem for p in folder.glob("*.safetensors")} <= set(methods.METHODS), f"stale files in {folder}"
-
-
-@pytest.mark.parametrize("protocol", ["transfer", "in-domain"])
-def test_every_fitted_method_has_a_committed_checkpoint(protocol):
-    missing = [name for name, ready in committed(protocol).items() if not ready]
-    assert not missing, (f"not committed for {protocol} (python quantization_modules.py --protocol {protocol} writes "
-                         "them): " + ", ".join(missing))
