@@ -2,11 +2,13 @@
 
 A checkpoint is a safetensors file (no pickles) at `<dir>/<model-slug>/[in-domain/]<method>.safetensors`: the arrays
 the method's `state()` returned, plus metadata saying what made them (base model, dimension, protocol, registry name,
-fitting or training sources, seed, date; trained ones also loss, initialisation and validation scores). Loading
-refuses, with one line naming the file, a checkpoint that is missing, not safetensors, or made for another model,
-dimension, protocol or method.
+fitting or training sources, seed, date; trained ones also loss, initialisation and validation scores), and
+`content_sha256`: the sha256 of every array (its dtype, shape and bytes) and of the rest of the metadata. Loading
+refuses, with one line naming the file, a checkpoint that is missing, not safetensors, changed since it was written
+(a hash that does not match), or made for another model, dimension, protocol or method.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -27,10 +29,56 @@ def checkpoint_path(checkpoints_dir: Path, model_name: str, method: str, protoco
     return (folder if protocol == "transfer" else folder / protocol) / f"{method}.safetensors"
 
 
+HASHES = "content_sha256"  # the metadata key of the hashes
+
+
+def array_hash(array: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes."""
+    array = np.ascontiguousarray(array)
+    return hashlib.sha256(f"{array.dtype.str}{array.shape}".encode() + array.tobytes()).hexdigest()
+
+
+def metadata_hash(meta: dict[str, str]) -> str:
+    """sha256 of the metadata, the hashes themselves left out."""
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != HASHES}, sort_keys=True).encode()).hexdigest()
+
+
+def fingerprint(tensors: dict[str, np.ndarray]) -> str:
+    """A checkpoint's content: the hash of its arrays' hashes. A row scored with it is stale once this changes (a
+    refit or retrained method); metadata alone does not change it."""
+    return hashlib.sha256(json.dumps({k: array_hash(v) for k, v in sorted(tensors.items())}).encode()).hexdigest()
+
+
+def checkpoint_fingerprint(path: Path) -> str | None:
+    """`fingerprint` of the checkpoint file at `path`, or None when there is none that can be read."""
+    try:
+        return fingerprint(load(Path(path).read_bytes()))
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
 def checkpoint_bytes(state: dict[str, np.ndarray], metadata: dict) -> bytes:
-    """A checkpoint file's bytes: the arrays, and metadata values as strings (dicts and lists as JSON)."""
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    return save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata=meta)
+    """A checkpoint file's bytes: the arrays, and metadata values as strings (dicts and lists as JSON) with the hash of
+    every array and of the metadata."""
+    state = {k: np.ascontiguousarray(v) for k, v in state.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items() if k != HASHES}
+    meta[HASHES] = json.dumps({"arrays": {k: array_hash(v) for k, v in state.items()}, "metadata": metadata_hash(meta)})
+    return save(state, metadata=meta)
+
+
+def check_hashes(path: Path, tensors: dict[str, np.ndarray], meta: dict[str, str]) -> None:
+    """Refuse (one line naming the file) a checkpoint whose arrays or metadata do not match the hashes it was written
+    with: a byte changed since."""
+    try:
+        hashes = json.loads(meta[HASHES])
+    except (KeyError, ValueError):
+        raise UsageError(f"{path} has no {HASHES} (or a damaged one): it cannot be checked; fit or train it again") from None
+    if set(hashes.get("arrays", {})) != set(tensors):
+        raise UsageError(f"{path} holds arrays {sorted(tensors)}, its hashes name {sorted(hashes.get('arrays', {}))}")
+    changed = [name for name, array in tensors.items() if array_hash(array) != hashes["arrays"][name]]
+    changed += ["its metadata"] if metadata_hash(meta) != hashes.get("metadata") else []
+    if changed:
+        raise UsageError(f"{path} changed since it was written: {', '.join(changed)} no longer match their sha256")
 
 
 def save_checkpoint(path: Path, state: dict[str, np.ndarray], metadata: dict) -> None:
@@ -53,6 +101,7 @@ def load_checkpoint(path: Path, model_name: str, dim: int, protocol: str, method
         meta = header.get("__metadata__", {})
     except (SafetensorError, OSError, ValueError) as e:
         raise UsageError(f"{path} is not a safetensors checkpoint ({e}); pickled checkpoints are refused") from None
+    check_hashes(path, tensors, meta)
     for key, want in [("base_model", model_name), ("method", method), ("dimension", str(dim)), ("protocol", protocol)]:
         if meta.get(key) != want:
             raise UsageError(f"{path} was made for {key} {meta.get(key)!r}, not {want!r}")

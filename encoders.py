@@ -11,6 +11,7 @@ Encoding is saved as it goes: every CHUNK texts become one cache shard, so an in
 and memory holds one chunk of new vectors, not the corpus.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -76,6 +77,29 @@ def quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+@contextlib.contextmanager
+def quiet_loading(quiet: bool = True):
+    """While a model loads in library use: no progress bar or info log from transformers or sentence-transformers
+    (restored after; the commands keep theirs)."""
+    import transformers
+
+    if not quiet:
+        yield
+        return
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    levels = {name: logging.getLogger(name).level for name in ("transformers", "sentence_transformers")}
+    transformers.utils.logging.disable_progress_bar()
+    for name in levels:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def resolve_model(model_name: str) -> str:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import methods
 import report
 import results
-from checkpoints import CHECKPOINTS_DIR, checkpoint_path, load_method
+from checkpoints import CHECKPOINTS_DIR, checkpoint_fingerprint, checkpoint_path, load_method
 from data import PROTOCOLS, SEED, UsageError, check_writable, write_atomic
 from encoders import BATCH_SIZE, CACHE_DIR, DEFAULT_MODEL, PLURAL, BaseModel, canonical_name, model_slug, quiet_libraries
 from fitting import TRAIN_DATA, FittingData, common_metadata, fit_to_checkpoint, load_fitting_data
@@ -160,7 +160,7 @@ class Methods:
             path = checkpoint_path(self.args.checkpoints, self.args.model, name, self.args.protocol)
             if entry.fitted_on == "nothing" or path.is_file():  # a checkpoint that cannot be its method stops the run
                 method, meta = load_method(name, self.dim, self.args.model, self.args.checkpoints, self.args.protocol)
-                sums = {str(path): results.file_fingerprint(path)} if entry.fitted_on != "nothing" else {}
+                sums = {str(path): checkpoint_fingerprint(path)} if entry.fitted_on != "nothing" else {}
                 self.loaded[name] = Loaded(method, sums, source_folders(json.loads(meta.get("training_sources", "{}"))))
                 return self.loaded[name]
             try:
@@ -189,7 +189,7 @@ class Methods:
         common = common_metadata(self.args.model, self.args.protocol, self.dim, SEED, self.fitting.sources)
         method = fit_to_checkpoint(name, self.fitting, common, path, {"fitted_by": "evaluate_quantization_mteb.py"})
         print(f"{name}: fitted on {len(self.fitting.embeddings):,} texts in {time.time() - start:.1f}s, wrote {path}")
-        return Loaded(method, {str(path): results.file_fingerprint(path)}, source_folders(self.fitting.sources))
+        return Loaded(method, {str(path): checkpoint_fingerprint(path)}, source_folders(self.fitting.sources))
 
 
 def plan_rows(args, base: BaseModel, dim: int, meta: ModelMeta, embeddings: TaskEmbeddings) -> dict[str, Row]:

@@ -13,7 +13,7 @@ import numpy as np
 
 import methods
 from checkpoints import CHECKPOINTS_DIR, load_method
-from encoders import BATCH_SIZE, CACHE_DIR, DEFAULT_MODEL, BaseModel, canonical_name
+from encoders import BATCH_SIZE, CACHE_DIR, DEFAULT_MODEL, BaseModel, canonical_name, quiet_loading
 
 
 class Encoder:
@@ -59,12 +59,16 @@ class Encoder:
 
 
 def load_encoder(method: str, model: str = DEFAULT_MODEL, checkpoints: str | Path = CHECKPOINTS_DIR,
-                 protocol: str = "transfer", device: str | list[str] | None = None, batch_size: int = BATCH_SIZE) -> Encoder:
+                 protocol: str = "transfer", device: str | list[str] | None = None, batch_size: int = BATCH_SIZE,
+                 verbose: bool = False) -> Encoder:
     """An Encoder for a registry method (methods.METHODS): the base model on `device` (default: the fastest here;
     several devices encode in parallel) and the method's checkpoint from `checkpoints` when it is fitted or trained.
-    Raises UsageError, one line, for an unknown method or a missing or mismatched checkpoint."""
+    Prints nothing unless `verbose` (then the libraries' loading progress and logs). Raises UsageError, one line, for an
+    unknown method or a missing or mismatched checkpoint."""
     devices = [device] if isinstance(device, str) else device
     model = canonical_name(model)
-    base = BaseModel(model, Path(CACHE_DIR), devices, batch_size)
-    loaded, _ = load_method(method, base.model.get_embedding_dimension(), model, Path(checkpoints), protocol)
+    with quiet_loading(not verbose):
+        base = BaseModel(model, Path(CACHE_DIR), devices, batch_size)
+        dim = base.model.get_embedding_dimension()
+    loaded, _ = load_method(method, dim, model, Path(checkpoints), protocol)
     return Encoder(base, loaded)

@@ -397,7 +397,7 @@ def learned_table(rows: pd.DataFrame, per_query: dict, info: dict[str, dict], ta
     for learned in [r for r in table.index if info[r].get("learned")]:
         for free in table.index:
             same = all(info[free].get(k) == info[learned].get(k) for k in ("family", "mode", "information_bits"))
-            if info[free].get("learned") or not same or info[learned]["mode"] not in ("hamming", "asym"):
+            if info[free].get("learned") or not same or methods.MODES[info[learned]["mode"]].reranker:  # re-ranking hides the codes
                 continue
             entry, wins = {"bits/dim": format_cell(info[learned].get("information_bits"), ".3g"), "mode": info[learned]["mode"],
                            "learned": learned, "training-free": free}, []

@@ -9,7 +9,6 @@ scored with a checkpoint that has changed since (stale).
 """
 
 import gzip
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 import methods
-from checkpoints import checkpoint_path
+from checkpoints import checkpoint_fingerprint, checkpoint_path
 from data import PROTOCOLS, UsageError
 
 LATEST = "latest.csv"
@@ -25,11 +24,6 @@ PER_QUERY = "per_query.csv.gz"  # per-query nDCG@10 of every row, beside latest.
 RECORD = "record.json"
 COLUMNS = ["protocol", "task", "split", "method", "metric", "value"]
 STATISTICS = ("retention", "delta_vs_", "p_vs_")  # metric prefixes computed over the whole table, again at each merge
-
-
-def file_fingerprint(path: Path) -> str:
-    """sha256 of a file's bytes: a checkpoint's identity (a refit or retrained one differs)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def per_query_csv(per_query: dict[tuple[str, str, str], pd.Series]) -> bytes:
@@ -149,12 +143,12 @@ def merge(old: Table | None, new: Table, folder: Path) -> Table:
 
 
 def stale_rows(record: dict) -> dict[str, str]:
-    """Rows scored with a checkpoint whose file has changed or gone since: row -> why."""
+    """Rows scored with a checkpoint whose arrays have changed (or which is gone) since: row -> why."""
     stale, current = {}, {}
     for row, entry in record.get("rows", {}).items():
         for path, fingerprint in entry.get("checkpoints", {}).items():
             if path not in current:
-                current[path] = file_fingerprint(Path(path)) if Path(path).is_file() else None
+                current[path] = checkpoint_fingerprint(Path(path))
             if current[path] != fingerprint:
                 stale[row] = f"{path} {'is gone' if current[path] is None else 'changed'} since run {entry['run']}"
                 break

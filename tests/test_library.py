@@ -89,6 +89,10 @@ def test_readme_snippet_runs_as_written():
     result = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[0 1]" in result.stdout or "[0, 1]" in result.stdout  # each query finds its own document first
+    assert result.stderr == "" and len(result.stdout.splitlines()) == 1  # a library prints only what it is asked
+    verbose = snippet.replace('load_encoder("stage1_zero")', 'load_encoder("stage1_zero", verbose=True)')
+    result = subprocess.run([sys.executable, "-c", verbose], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "Loading weights" in result.stderr  # asked: the libraries' loading progress
 
 
 @pytest.mark.slow

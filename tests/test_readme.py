@@ -13,6 +13,7 @@ import faiss
 import pandas as pd
 import pytest
 
+import checkpoints
 import results
 from conftest import FITTING_PAIRS, ROOT, SHARED_DATA, beir_slice, require
 from encoders import DEFAULT_MODEL, model_slug
@@ -81,6 +82,6 @@ def test_readme_add_a_method_runs_as_written(shared_copy):
     assert set(after[after.method == name].task) == {"NFCorpus", "SciFact"}
     record = json.loads((table / results.RECORD).read_text())
     checkpoint = shared_copy / "checkpoints" / model_slug(DEFAULT_MODEL) / f"{name}.safetensors"
-    assert record["rows"][name]["checkpoints"] == {str(checkpoint.relative_to(shared_copy)): results.file_fingerprint(checkpoint)}
+    assert record["rows"][name]["checkpoints"] == {str(checkpoint.relative_to(shared_copy)): checkpoints.checkpoint_fingerprint(checkpoint)}
     assert len(record["runs"]) == 2 and {r["run"] for r in record["rows"].values()} == set(record["runs"])
     assert f"| {name} " in (table / "latest.md").read_text()

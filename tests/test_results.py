@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
+import checkpoints
 import methods
 import results
 from conftest import ROOT
@@ -18,13 +20,18 @@ SETTING = dict(model="org/model", dimension=384, protocol="transfer",
                tasks={"T test": dict(fingerprint="data-1", documents=5, queries=2)})
 
 
-def table(run: str, scores: dict[str, float], setting: dict = SETTING, checkpoints: dict | None = None) -> results.Table:
+def table(run: str, scores: dict[str, float], setting: dict = SETTING, sums: dict | None = None) -> results.Table:
     """A run's table: each row's nDCG@10 (on both queries) and bytes on task T, its per-query scores, its record."""
     records = [(setting["protocol"], "T", "test", row, metric, value) for row, score in scores.items()
                for metric, value in (("ndcg_at_10", score), ("bytes_per_vector", 48.0))]
     per_query = {("T", "test", row): pd.Series({"q1": score, "q2": score}) for row, score in scores.items()}
-    rows = {row: dict(run=run, checkpoints=(checkpoints or {}).get(row, {})) for row in scores}
+    rows = {row: dict(run=run, checkpoints=(sums or {}).get(row, {})) for row in scores}
     return results.Table(pd.DataFrame(records, columns=results.COLUMNS), per_query, setting | dict(runs={run: {}}, rows=rows))
+
+
+def checkpoint_file(values: list[float], note: str = "") -> bytes:
+    """A checkpoint file holding one array."""
+    return checkpoints.checkpoint_bytes({"x": np.array(values, np.float32)}, {"note": note})
 
 
 def ndcg(t: results.Table) -> dict[str, float]:
@@ -61,12 +68,12 @@ def test_a_run_on_other_data_or_of_another_model_is_refused(tmp_path, change, sa
 def test_a_row_is_stale_once_its_checkpoint_changes_or_goes(tmp_path):
     paths = {name: tmp_path / f"{name}.safetensors" for name in ("pq1b", "int8")}
     for path in paths.values():
-        path.write_bytes(b"fitted")
-    sums = {row: {str(paths[name]): results.file_fingerprint(paths[name])} for row, name in
+        path.write_bytes(checkpoint_file([1.0, 2.0]))
+    sums = {row: {str(paths[name]): checkpoints.checkpoint_fingerprint(paths[name])} for row, name in
             (("pq1b", "pq1b"), ("int8", "int8"), ("stage1_zero+rerank_int8", "int8"))}
-    record = table("r1", {"pq1b": 0.5, "int8": 0.8, "stage1_zero+rerank_int8": 0.7, "float": 0.9}, checkpoints=sums).record
+    record = table("r1", {"pq1b": 0.5, "int8": 0.8, "stage1_zero+rerank_int8": 0.7, "float": 0.9}, sums=sums).record
     assert results.stale_rows(record) == {}
-    paths["int8"].write_bytes(b"refitted")
+    paths["int8"].write_bytes(checkpoint_file([1.0, 2.5]))  # refitted
     paths["pq1b"].unlink()
     assert results.stale_rows(record) == {"pq1b": f"{paths['pq1b']} is gone since run r1",
                                           "int8": f"{paths['int8']} changed since run r1",
@@ -83,19 +90,19 @@ def write_folder(folder, t: results.Table) -> None:
 def complete_table(tmp_path) -> tuple:
     """A results folder holding every row the registry has for a 384-d model, each with a checkpoint file where its
     method (or its re-ranker) is fitted or trained, as the evaluation records them."""
-    checkpoints, sums = tmp_path / "checkpoints", {}
+    folder_of_checkpoints, sums = tmp_path / "checkpoints", {}
     for name, e in methods.METHODS.items():
         if e.fitted_on != "nothing" and "transfer" in e.protocols:
-            path = checkpoints / "org__model" / f"{name}.safetensors"
+            path = folder_of_checkpoints / "org__model" / f"{name}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(name.encode())
-            sums[name] = {str(path): results.file_fingerprint(path)}
+            path.write_bytes(checkpoint_file([float(len(name))]))
+            sums[name] = {str(path): checkpoints.checkpoint_fingerprint(path)}
     rows = {row: (name, mode) for name in methods.METHODS for row, (mode, _) in methods.table_rows(name, 384).items()
             if "transfer" in methods.entry(name).protocols}
     checkpoint_of = {row: sums.get(name, {}) | sums.get(methods.MODES[mode].reranker, {}) for row, (name, mode) in rows.items()}
     folder = tmp_path / "results" / "org__model"
-    write_folder(folder, table("r1", {row: 0.5 for row in rows}, checkpoints=checkpoint_of))
-    return folder, checkpoints, sums
+    write_folder(folder, table("r1", {row: 0.5 for row in rows}, sums=checkpoint_of))
+    return folder, folder_of_checkpoints, sums
 
 
 def status_command(tmp_path):
@@ -104,26 +111,26 @@ def status_command(tmp_path):
 
 
 def test_the_status_names_missing_stale_and_unrecorded_rows_and_missing_checkpoints(tmp_path):
-    folder, checkpoints, sums = complete_table(tmp_path)
-    status = results.status(folder, checkpoints)
+    folder, checkpoint_dir, sums = complete_table(tmp_path)
+    status = results.status(folder, checkpoint_dir)
     assert all(status[k] == [] for k in ("missing", "stale", "unrecorded", "no_checkpoint", "unknown")), status
     done = status_command(tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == f"{folder} (d = 384, transfer): complete", done.stdout
 
-    (checkpoints / "org__model" / "pq1b.safetensors").write_bytes(b"refitted")
-    (checkpoints / "org__model" / "lloyd2b.safetensors").unlink()
+    (checkpoint_dir / "org__model" / "pq1b.safetensors").write_bytes(checkpoint_file([0.0]))  # refitted
+    (checkpoint_dir / "org__model" / "lloyd2b.safetensors").write_bytes(checkpoint_file([float(len("lloyd2b"))], "new metadata only"))  # the same arrays
+    (checkpoint_dir / "org__model" / "pq1.67b.safetensors").unlink()
     t = results.read_table(folder)
     t.rows = t.rows[~t.rows.method.isin(["lsh+asym", "int4"])]
     del t.record["rows"]["float16"]
     folder.joinpath(results.LATEST).write_text(t.rows.to_csv(index=False))
     folder.joinpath(results.RECORD).write_text(results.record_json(t.record))
-    status = results.status(folder, checkpoints)
+    status = results.status(folder, checkpoint_dir)
     assert status["missing"] == ["int4", "lsh+asym"] and status["unrecorded"] == ["float16"]
-    assert status["no_checkpoint"] == ["lloyd2b"]
-    assert [line.split(":")[0] for line in status["stale"]] == [r for r in methods.table_rows("pq1b", 384)] + [
-        r for r in methods.table_rows("lloyd2b", 384)]
+    assert status["no_checkpoint"] == ["pq1.67b"]
+    assert [line.split(":")[0] for line in status["stale"]] == [*methods.table_rows("pq1b", 384), *methods.table_rows("pq1.67b", 384)]
     done = status_command(tmp_path)
-    assert done.returncode == 1 and "2 missing: int4, lsh+asym" in done.stdout and "1 no checkpoint: lloyd2b" in done.stdout
+    assert done.returncode == 1 and "2 missing: int4, lsh+asym" in done.stdout and "1 no checkpoint: pq1.67b" in done.stdout
 
 
 def test_the_evaluations_record_is_what_the_status_reads(tmp_path):
