@@ -4,8 +4,9 @@ evaluation's own search, methods.MethodIndex, against the machine's memory bandw
 Each registry method that applies at the dimension is built with methods.make_method, fitted on a sample of the
 documents when its entry is fitted on texts (one faiss thread, as the training command fits), and added with
 MethodIndex(method, mode, rerank_k, reranker).add_documents: the rows the evaluation reports, searched by the code
-it searches with. Learned methods (fitted_on "training") run as constructed: zero thresholds, identity rotation,
-evenly spaced levels; their search does the same work whatever the thresholds, so the timing holds for trained ones.
+it searches with. Learned methods (fitted_on "training") run as their family fits them, where their training starts
+(thresholds as constructed: zero, identity rotation, evenly spaced levels; codebooks by k-means); their search does the
+same work whatever the learned values, so the timing holds for trained ones.
 A re-ranking mode is timed at each --rerank-depths k (the depth study); its rows share one build, which does not depend
 on k. A re-ranking mode gathers from its re-ranker (methods.MODES), fitted like the evaluation's. float_adapted is skipped: the same
 declaration as float (a registry method that repeats an earlier one's family, settings and fitting is timed once).
@@ -176,9 +177,9 @@ def plan_rows(names: list[str], d: int, depths: list[int]) -> tuple[list[dict], 
 
 
 def fitted(name: str, d: int, sample: np.ndarray):
-    """The registry method, fitted on `sample` if it is fitted on texts (as the training command fits it); a trained
-    method as constructed."""
-    return fitting.fit(name, sample) if methods.entry(name).fitted_on == "texts" else methods.make_method(name, d)
+    """The registry method fitted on `sample` as the training command fits it (a learned method: as its family fits
+    it, where its training starts: its search does the same work whatever the learned values)."""
+    return fitting.fit(name, sample) if methods.entry(name).fitted_on != "nothing" else methods.make_method(name, d)
 
 
 class SharedCodes:
@@ -420,8 +421,8 @@ def run(args) -> tuple[dict, list[dict]]:
           f"Fitted on {min(TRAIN, args.n):,} of the documents. Memory read bandwidth "
           + ", ".join(f"{config_name(t)} {gbs:.1f} GB/s" for t, gbs in bandwidth.items())
           + f"; floor = bytes read per query / {bandwidth[THREADS]:.1f} GB/s. Configurations: faiss and BLAS threads. "
-          + (f"Learned methods ({', '.join(learned)}) as constructed (zero thresholds, identity rotation, evenly "
-             f"spaced levels): timing does not depend on the threshold values. " if learned else "")
+          + (f"Learned methods ({', '.join(learned)}) where their training starts (thresholds as constructed, "
+             f"codebooks by k-means): timing does not depend on the learned values. " if learned else "")
           + "Wall-clock times on this machine.")
     print_tables(rows, args.n, args.queries, bandwidth[THREADS])
     seconds_total = time.perf_counter() - start

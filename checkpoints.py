@@ -121,3 +121,19 @@ def load_method(name: str, dim: int, model_name: str, checkpoints_dir: Path, pro
         method.load_state(tensors, path)
     return method, meta
 
+
+TRAINING_RECORD = "record.json"  # beside a model's checkpoints: what each method's fit or training cost, per run
+
+
+def update_training_record(folder: Path, run: str, run_entry: dict, method_entries: dict[str, dict]) -> None:
+    """Add a training run to the record in a checkpoint folder: the run (its command, what embedding took) and, per
+    method it made, its seconds and CPU seconds; the entries of methods it did not make stay."""
+    path = Path(folder) / TRAINING_RECORD
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        record = {}  # a damaged record is written again; the checkpoints are what counts
+    record["runs"] = record.get("runs", {}) | {run: run_entry}
+    record["methods"] = record.get("methods", {}) | {name: {"run": run} | e for name, e in method_entries.items()}
+    write_atomic(path, json.dumps(record, indent=1) + "\n")
+

@@ -23,6 +23,7 @@ its checkpoint and searches with; the evaluation never needs torch.
 """
 
 import argparse
+import datetime
 import hashlib
 import json
 import math
@@ -33,6 +34,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -40,7 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 import methods
-from checkpoints import CHECKPOINTS_DIR, checkpoint_path, load_checkpoint, save_checkpoint
+from checkpoints import CHECKPOINTS_DIR, checkpoint_path, load_checkpoint, save_checkpoint, update_training_record
 from data import IN_DOMAIN_PAIRS, MAX_PER_SOURCE, PROTOCOLS, SEED, TASKS, UsageError, check_writable, write_atomic
 from data import document_text, find_task_folder, load_beir, load_training_data, task_query_splits
 from encoders import CACHE_DIR, DEFAULT_MODEL, BaseModel, canonical_name, quiet_libraries
@@ -91,8 +93,26 @@ class Quantizer(nn.Module, ABC):
     def export(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         """The registry method's state (its checkpoint's arrays); `x`: the training embeddings."""
 
+    def query(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The query as the method's search compares it with the codes, when that is not the query's own code (None:
+        the search compares codes with codes, as Hamming distance does)."""
+        return None
+
     def project(self) -> None:
         """Restore a constraint on the parameters after each optimiser step (a rotation's orthogonality)."""
+
+
+@torch.no_grad()
+def orthogonalise(rotation: nn.Parameter) -> None:
+    """Pull a rotation back to the nearest orthogonal matrix after an optimiser step (Newton-Schulz steps, two matrix
+    products each; the drift of one step needs two or three)."""
+    r = rotation
+    for _ in range(10):
+        error = r @ r.T - torch.eye(len(r))
+        if error.abs().max() < 1e-6:
+            break
+        r = r - 0.5 * error @ r
+    rotation.copy_(r)
 
 
 class QuantizationModuleStage1(Quantizer):
@@ -172,17 +192,8 @@ class QuantizationModuleStage1Rotated(QuantizationModuleStage1):
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.rotation.T
 
-    @torch.no_grad()
     def project(self) -> None:
-        """Pull the rotation back to the nearest orthogonal matrix (Newton-Schulz steps, two matrix products each;
-        the drift of one optimiser step needs two or three)."""
-        r = self.rotation
-        for _ in range(10):
-            error = r @ r.T - torch.eye(len(r))
-            if error.abs().max() < 1e-6:
-                break
-            r = r - 0.5 * error @ r
-        self.rotation.copy_(r)
+        orthogonalise(self.rotation)
 
     @torch.no_grad()
     def export(self, x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -213,6 +224,103 @@ def initial_thresholds(name: str, x: torch.Tensor, levels: int, seed: int) -> to
     return initial_thresholds("quantile", x, levels, seed) + 0.25 * noise
 
 
+class LearnedPQ(Quantizer):
+    """Product-quantisation codebooks trained for the frozen encoder, with an OPQ spec also the orthogonal rotation
+    before them (trained jointly). Started from faiss's own fit of the entry's spec (k-means: "kmeans" is the
+    training-free row's fit; "kmeans{i}" re-seeds the k-means, an OPQ rotation fitted once). Each sub-vector is assigned
+    to its nearest centroid forward (as faiss encodes) and softly backward: softmax over minus its squared distances to
+    the sub-quantiser's centroids, sharpened by `temperature` and scaled by the mean distance to the nearest one at the
+    start. The search is faiss's asymmetric one, so the losses compare the float query with the decoded document
+    (`query`); export() puts the trained codebooks (and rotation) in the entry's faiss index."""
+
+    fits: dict = {}  # (spec, seed, data) -> faiss's fit, shared by the candidates of one training (OPQ takes minutes)
+
+    def __init__(self, embedding_dim: int, settings: methods.FaissSettings, temperature: float = TEMPERATURE):
+        super().__init__()
+        self.settings, self.dim, self.temperature = settings, embedding_dim, temperature
+        index = faiss.index_factory(embedding_dim, settings.spec, faiss.METRIC_INNER_PRODUCT)
+        pq = methods.FaissCodes.inner(index).pq
+        self.m, self.ksub, self.dsub = pq.M, pq.ksub, pq.dsub
+        self.centroids = nn.Parameter(torch.zeros(self.m, self.ksub, self.dsub))
+        self.rotation = nn.Parameter(torch.eye(embedding_dim)) if isinstance(index, faiss.IndexPreTransform) else None
+        self.scale = 1.0  # mean squared distance of a sub-vector to its nearest centroid at the start
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.rotation is None else x @ self.rotation.T
+
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, m, ksub) squared distances of each sub-vector to each centroid of its sub-quantiser."""
+        v = self.rotate(x).reshape(len(x), self.m, self.dsub)
+        return ((v * v).sum(-1, keepdim=True) - 2 * torch.einsum("nmd,mkd->nmk", v, self.centroids)
+                + (self.centroids * self.centroids).sum(-1)[None])
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, m) hard codes: each sub-vector's nearest centroid."""
+        return self.distances(x).argmin(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoded documents (n, d), in the rotated space the codebooks live in."""
+        d = self.distances(x)
+        soft = torch.softmax(-self.temperature * d / self.scale, dim=-1)
+        if self.straight_through:
+            soft = soft + (F.one_hot(d.argmin(-1), self.ksub).float() - soft).detach()
+        return torch.einsum("nmk,mkd->nmd", soft, self.centroids).reshape(len(x), -1)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotate(x)  # float, as faiss's ADC compares it with the decoded documents
+
+    def candidate_inits(self, n_random: int) -> list[str]:
+        return ["kmeans"] + [f"kmeans{i}" for i in range(1, n_random + 1)]
+
+    def initialise(self, init: str, x: torch.Tensor, seed: int) -> None:
+        index = self.faiss_fit(init, x.numpy(), seed)
+        with torch.no_grad():
+            if self.rotation is not None:
+                opq = faiss.downcast_VectorTransform(index.chain.at(0))
+                self.rotation.copy_(torch.from_numpy(faiss.vector_to_array(opq.A).reshape(self.dim, self.dim)))
+            pq = methods.FaissCodes.inner(index).pq
+            self.centroids.copy_(torch.from_numpy(faiss.vector_to_array(pq.centroids).reshape(self.m, self.ksub, self.dsub)))
+            self.scale = float(self.distances(x).min(-1).values.mean().clamp_min(1e-12))
+
+    def faiss_fit(self, init: str, x: np.ndarray, seed: int):
+        """faiss's fit of the spec: the registry's own (methods.FaissCodes.fit) for "kmeans"; for "kmeans{i}" its k-means
+        seeded again (after the same OPQ rotation). Cached for the candidates of one training."""
+        key = (self.settings.spec, init, seed, hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest())
+        if key not in LearnedPQ.fits:
+            method = methods.FaissCodes("kmeans", self.dim, self.settings)
+            inner = methods.FaissCodes.inner(method.faiss_index)
+            if init != "kmeans":
+                inner.pq.cp.seed = 1234 + 1000 * seed + int(init.removeprefix("kmeans"))
+            if init == "kmeans" or self.rotation is None:
+                method.fit(x)
+            else:  # the default fit's rotation, then only the codebooks fitted again on the rotated texts
+                fitted = faiss.downcast_VectorTransform(self.faiss_fit("kmeans", x, seed).chain.at(0))
+                opq = faiss.downcast_VectorTransform(method.faiss_index.chain.at(0))
+                faiss.copy_array_to_vector(faiss.vector_to_array(fitted.A), opq.A)
+                opq.is_trained = method.faiss_index.is_trained = True
+                with methods.one_faiss_thread():
+                    inner.train(fitted.apply(np.ascontiguousarray(x, dtype=np.float32)))
+            LearnedPQ.fits[key] = method.faiss_index
+        return LearnedPQ.fits[key]
+
+    @torch.no_grad()
+    def export(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """The entry's faiss index holding the trained codebooks (and rotation): what FaissCodes stores and searches."""
+        index = faiss.index_factory(self.dim, self.settings.spec, faiss.METRIC_INNER_PRODUCT)
+        inner = methods.FaissCodes.inner(index)
+        faiss.copy_array_to_vector(self.centroids.numpy().astype(np.float32).ravel(), inner.pq.centroids)
+        inner.is_trained = True
+        if self.rotation is not None:
+            opq = faiss.downcast_VectorTransform(index.chain.at(0))
+            faiss.copy_array_to_vector(self.rotation.numpy().astype(np.float32).ravel(), opq.A)
+            opq.is_trained = index.is_trained = True
+        return {"faiss_index": faiss.serialize_index(index)}
+
+    def project(self) -> None:
+        if self.rotation is not None:
+            orthogonalise(self.rotation)
+
+
 def make_quantizer(name: str, dim: int, temperature: float = TEMPERATURE) -> Quantizer:
     """The quantiser a registry entry names (`Entry.quantizer`), built from the entry's settings at `dim`."""
     e = methods.entry(name)
@@ -225,10 +333,16 @@ def make_quantizer(name: str, dim: int, temperature: float = TEMPERATURE) -> Qua
 # losses
 
 
-def similarity_preservation_loss(float_emb: torch.Tensor, quantised_emb: torch.Tensor) -> torch.Tensor:
-    """MSE between the cosine-similarity matrices of a batch of float embeddings and of their (±1) codes."""
+def similarity_preservation_loss(float_emb: torch.Tensor, quantised_emb: torch.Tensor,
+                                 query_emb: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between the cosine-similarity matrix of a batch of float embeddings and what the search scores for them:
+    the cosines of their (±1) codes with each other, or with `query_emb` each query as the search sees it against each
+    decoded document (float query . decoded document, as an asymmetric search scores: no normalisation)."""
     float_sim = F.normalize(float_emb, dim=1) @ F.normalize(float_emb, dim=1).T
-    quant_sim = F.normalize(quantised_emb, dim=1) @ F.normalize(quantised_emb, dim=1).T
+    if query_emb is None:
+        quant_sim = F.normalize(quantised_emb, dim=1) @ F.normalize(quantised_emb, dim=1).T
+    else:
+        quant_sim = query_emb @ quantised_emb.T
     return F.mse_loss(quant_sim, float_sim)
 
 
@@ -285,10 +399,12 @@ def train_quantizer(
             batch = x[order[start : start + batch_size]]
             loss = torch.zeros(())
             if sim_weight:
-                loss = loss + sim_weight * similarity_preservation_loss(batch, quantizer(batch))
+                loss = loss + sim_weight * similarity_preservation_loss(batch, quantizer(batch), quantizer.query(batch))
             if pairs is not None and contrastive_weight:
                 pick = torch.multinomial(pair_weights, min(batch_size, len(anchors)), replacement=False, generator=generator)
-                loss = loss + contrastive_weight * info_nce_loss(quantizer(anchors[pick]), quantizer(positives[pick]))
+                query = quantizer.query(anchors[pick])
+                query = quantizer(anchors[pick]) if query is None else query
+                loss = loss + contrastive_weight * info_nce_loss(query, quantizer(positives[pick]))
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(quantizer.parameters(), GRAD_CLIP)
@@ -517,17 +633,30 @@ def train_one(name: str, args, data: FittingData, validation: Validation, stagin
                f"{len(scores)} candidates trained in {time.time() - start:.1f}s")
 
 
-def commit(moves: list[tuple[Path, Path]]) -> None:
-    """Move the staged checkpoints into place together: Ctrl-C waits the milliseconds this takes, so an interrupted
-    run never leaves the set half old, half new."""
+def commit(moves: list[tuple[Path, Path]], folder: Path, run_entry: dict, costs: dict[str, dict]) -> None:
+    """Move the staged checkpoints into place together, and add the run to the folder's training record (what each
+    method cost): Ctrl-C waits the milliseconds this takes, so an interrupted run never leaves the set half old, half
+    new."""
     ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         for staged, path in moves:
             write_atomic(path, staged.read_bytes())
         for staged, _ in moves:
             staged.unlink()
+        if moves:
+            update_training_record(folder, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), run_entry, costs)
     finally:
         signal.signal(signal.SIGINT, ctrl_c)
+
+
+def clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def spent(since: tuple[float, float]) -> dict[str, float]:
+    """Wall and CPU seconds since `since` (clocks()): CPU time says what the work cost on a busy machine."""
+    now = clocks()
+    return {"seconds": round(now[0] - since[0], 2), "cpu_seconds": round(now[1] - since[1], 2)}
 
 
 def run(args) -> None:
@@ -540,28 +669,32 @@ def run(args) -> None:
     training = load_training_data(args.train_data, args.protocol, args.tasks, args.max_per_source, args.seed,
                                   args.in_domain_pairs, beir_dir=args.data_dir)  # every file read and checked first
     held_out = read_validation(args.data_dir, args.tasks, args.seed)
-    base = BaseModel(args.model, args.cache_dir, args.device)
+    base, start = BaseModel(args.model, args.cache_dir, args.device), clocks()
     validation = embed_validation(base, held_out)
     data = embed_fitting_data(base, *training)
+    run_entry = {"command": sys.argv, "texts": len(data.texts), "embedding": spent(start)}
     common = common_metadata(args.model, args.protocol, data.dim, args.seed, data.sources)
     common["validation_query_ids"] = {task: v["query_ids"] for task, v in validation.tasks.items()}
     staging = Staging(args, data, validation, common)
     for name in ("float", "stage1_zero"):  # the references every method's validation line reads against
         print(f"{name:12s} validation nDCG@10 {validation.text(methods.make_method(name, data.dim), methods.own_mode(name, data.dim))}")
-    moves = []  # (staged, final path): moved together at the end
+    moves, costs = [], {}  # (staged, final path): moved together at the end; each method's wall and CPU seconds
     bar = tqdm(args.methods, desc="methods", unit=" methods")  # a fit can take minutes (OPQ): the bar names the method
     for name in bar:
         bar.set_postfix_str(name)
         if reason := methods.applies(name, data.dim):
             tqdm.write(f"{name}: skipped, it does not apply at dimension {data.dim} ({reason})")
             continue
+        start = clocks()
         if methods.entry(name).learned:
             train_one(name, args, data, validation, staging, common)
         elif not fit_one(name, data, validation, staging, common):
             continue
+        costs[name] = spent(start)
         moves.append((staging.path(name), checkpoint_path(args.out, args.model, name, args.protocol)))
-    commit(moves)
-    print(f"wrote {len(moves)} checkpoints to {checkpoint_path(args.out, args.model, 'x', args.protocol).parent}")
+    folder = checkpoint_path(args.out, args.model, "x", args.protocol).parent
+    commit(moves, folder, run_entry, costs)
+    print(f"wrote {len(moves)} checkpoints to {folder}")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def fitted(name: str, d: int):
     """A registry method at d as the evaluation gets it: fitted on the fitting vectors, or with a trained-like state."""
     method = methods.make_method(name, d)
     fewer_opq_iterations(method)
-    if methods.METHODS[name].fitted_on == "texts":
+    if methods.METHODS[name].fitted_on == "texts" or isinstance(method, methods.FaissCodes):  # learned codebooks: k-means'
         method.fit(vectors(d).fit)
     elif methods.METHODS[name].fitted_on == "training":
         trained_state(method, seed=d)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from sentence_transformers.util.quantization import quantize_embeddings
 
@@ -24,6 +25,7 @@ from encoders import DEFAULT_MODEL, model_slug
 
 pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 TRAINED = [name for name, e in methods.METHODS.items() if e.fitted_on == "training"]  # the registry's learned quantisers
+THRESHOLDS = [name for name in TRAINED if issubclass(methods.METHODS[name].family, methods.ThresholdCodes)]  # learned bits
 
 
 def random_embeddings(n=200, dim=384, seed=0) -> torch.Tensor:
@@ -90,7 +92,7 @@ def test_stage2_truth_table():
 
 def test_a_value_exactly_on_a_threshold_gives_bit_0_in_the_hard_forward_as_in_the_registry():
     thresholds = torch.tensor([[0.1, 0.2, 0.3], [-0.2, -0.1, 0.0], [0.0, 0.25, 0.4], [0.3, 0.5, 0.6]])
-    for name in TRAINED:
+    for name in THRESHOLDS:
         quantizer = qm.make_quantizer(name, 4)
         levels = quantizer.levels
         quantizer.thresholds.data = thresholds[:, : levels - 1].clone()
@@ -110,7 +112,7 @@ def test_a_value_exactly_on_a_threshold_gives_bit_0_in_the_hard_forward_as_in_th
     assert not hard_bits(quantizer, thresholds[:, 0][None]).any()
 
 
-@pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.parametrize("name", THRESHOLDS)
 def test_each_torch_quantisers_hard_code_is_its_registry_methods_code_after_export(name):
     """Random thresholds (unsorted, for more than two levels) and a random rotation: the quantiser trained with is the
     method searched with. The values are kept 1e-3 from every threshold, so float rounding cannot flip a bit."""
@@ -241,7 +243,7 @@ def test_training_moves_the_thresholds_to_where_code_cosines_match_float_cosines
     assert (torch.sign(t[large]) == -torch.sign(offset[large])).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("name", [n for n in TRAINED if methods.settings(n, 32).levels > 2])
+@pytest.mark.parametrize("name", [n for n in THRESHOLDS if methods.settings(n, 32).levels > 2])
 def test_a_multi_level_quantiser_learns_and_its_export_round_trips_through_a_checkpoint(name, tmp_path):
     """Thermometer codes at 3 and 4 levels, started at a random candidate's thresholds (the quantiles moved at random,
     crossing some): training lowers the similarity loss, per epoch and on the whole set with the hard codes; the
@@ -418,7 +420,7 @@ def test_the_kept_candidate_is_the_best_on_validation_and_its_checkpoint_scores_
         validation = json.loads(meta["validation_ndcg_at_10"])
         assert list(validation) == qm.make_quantizer(name, 384).candidate_inits(0), name
         assert validation[meta["initialisation"]]["mean"] == max(v["mean"] for v in validation.values()), name
-        score = mteb_adapter.ndcg_at_10(methods.rank(method, "hamming", **task), qrels)
+        score = mteb_adapter.ndcg_at_10(methods.rank(method, methods.own_mode(name, 384), **task), qrels)
         assert score == pytest.approx(validation[meta["initialisation"]]["SciFact"], abs=1e-9), name
         assert f"{name}: chose init {meta['initialisation']} (validation mean nDCG@10 " in fitted.stdout
 
@@ -636,3 +638,71 @@ def test_a_missing_checkpoint_names_a_training_command_that_accepts_it(tmp_path)
             checkpoints.load_method(name, 384, DEFAULT_MODEL, tmp_path, "transfer")
         command = str(refused.value).split("make one with: python quantization_modules.py ")[1].split()
         assert qm.parse_args(command).methods == [name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learned vector codes: product quantisation (and OPQ's rotation) trained by the same loop
+
+
+def clustered(n=3000, d=64, seed=0) -> torch.Tensor:
+    """Unit vectors around 40 centres (the same for every seed): structure a product quantiser can learn."""
+    centres = torch.randn(40, d, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(seed + 1)
+    return F.normalize(centres[torch.randint(0, 40, (n,), generator=g)] + 0.6 * torch.randn(n, d, generator=g), dim=1)
+
+
+@pytest.mark.parametrize("opq", [False, True])
+def test_a_learned_product_quantiser_exported_to_faiss_codes_and_scores_as_its_hard_assignment(opq):
+    """Random centroids (and a random rotation): faiss's index made by export() encodes every vector with the module's
+    hard codes, save exact near-ties (two centroids within float rounding), and its asymmetric scores are the module's
+    float query . decoded document."""
+    d, g = 64, torch.Generator().manual_seed(1)
+    quantizer = qm.LearnedPQ(d, methods.pq(d, d // 8, opq=opq))
+    with torch.no_grad():
+        quantizer.centroids.copy_(0.2 * torch.randn(quantizer.centroids.shape, generator=g))
+        if opq:
+            quantizer.rotation.copy_(torch.linalg.qr(torch.randn(d, d, generator=g))[0])
+    x = clustered(500, d)
+    method = methods.make_method("pq1b", d)
+    method.load_state(quantizer.export(x), Path("<exported>"))
+    faiss_codes, module_codes = method.encode(x.numpy()).astype(np.int64), quantizer.codes(x).numpy()
+    distances = quantizer.distances(x).detach().numpy()
+    for i, j in zip(*np.nonzero(faiss_codes != module_codes)):  # a different code only where it is as near
+        assert abs(distances[i, j, faiss_codes[i, j]] - distances[i, j, module_codes[i, j]]) < 1e-5
+    assert (faiss_codes == module_codes).mean() > 0.999
+    quantizer.straight_through = True
+    with torch.no_grad():
+        decoded = quantizer(x)  # hard forward: each sub-vector's centroid
+    queries = clustered(20, d, seed=5)
+    scores, ids = method.search(method.build(x.numpy(), "asym"), queries.numpy(), 500, "asym")
+    with torch.no_grad():
+        expected = (quantizer.query(queries) @ decoded.T).numpy()
+    np.testing.assert_allclose(scores, np.take_along_axis(expected, ids, 1), atol=1e-4)
+
+
+def test_a_learned_product_quantiser_trains_from_k_means_and_its_checkpoint_round_trips(tmp_path):
+    """Started at faiss's k-means (the training-free row's codebooks exactly), training lowers the asymmetric
+    similarity loss on held-out vectors with the hard codes search uses; the checkpoint loads as the registry method and
+    encodes as the module does."""
+    d = 32  # 20,000 vectors: enough for 256 centroids per sub-quantiser to hold beyond the vectors they were fitted on
+    x, held_out = clustered(20_000, d), clustered(2000, d, seed=3)
+    quantizer = qm.LearnedPQ(d, methods.pq(d, d // 8))
+    quantizer.initialise("kmeans", x, 0)
+    kmeans = methods.make_method("pq1b", d)
+    kmeans.fit(x.numpy())
+    assert np.array_equal(kmeans.encode(held_out.numpy()).astype(np.int64), quantizer.codes(held_out).numpy())
+
+    def hard_loss(v):
+        quantizer.straight_through = True
+        with torch.no_grad():
+            return qm.similarity_preservation_loss(v, quantizer(v), quantizer.query(v)).item()
+
+    before = hard_loss(x[:2000]), hard_loss(held_out)
+    losses = qm.train_quantizer(quantizer, x, epochs=6, batch_size=256, lr=1e-3, verbose=False)
+    after = hard_loss(x[:2000]), hard_loss(held_out)
+    assert losses[-1] < 0.99 * losses[0] and after[0] < 0.99 * before[0] and after[1] < 0.99 * before[1], (losses, before, after)
+    path = checkpoints.checkpoint_path(tmp_path, DEFAULT_MODEL, "pq1b")
+    checkpoints.save_checkpoint(path, quantizer.export(x), {"base_model": DEFAULT_MODEL, "method": "pq1b", "dimension": str(d),
+                                                            "protocol": "transfer"})
+    method, _ = checkpoints.load_method("pq1b", d, DEFAULT_MODEL, tmp_path, "transfer")
+    assert (method.encode(held_out.numpy()).astype(np.int64) == quantizer.codes(held_out).numpy()).mean() > 0.999
