@@ -226,8 +226,9 @@ class BaseModel:
         keys = [cache_key(prompt, t) for t in texts]
         return list(dict.fromkeys(texts[i] for i in self.cache.missing(keys)))
 
-    def embed(self, texts: list[str], kind: str, task_prompt: str | None = None, desc: str | None = None) -> np.ndarray:
-        """Float embeddings of `texts` (n, dim), encoding only what the cache lacks, each chunk saved as it is done."""
+    def fill(self, texts: list[str], kind: str, task_prompt: str | None = None, desc: str | None = None) -> None:
+        """Encode the texts the cache lacks, each chunk saved as it is done; return nothing (a corpus's matrix is not
+        read back just to be dropped)."""
         prompt = self.prompt(kind, task_prompt)
         todo = self.missing(texts, kind, task_prompt)
         if todo and not self.encode_missing:
@@ -235,4 +236,8 @@ class BaseModel:
         if todo:
             self.encode(todo, kind, prompt, show_progress_bar=len(todo) >= PROGRESS_MIN, desc=desc or f"encoding {PLURAL[kind]}",
                         on_chunk=lambda start, v: self.cache.append([cache_key(prompt, t) for t in todo[start : start + len(v)]], v))
-        return self.cache.get([cache_key(prompt, t) for t in texts])
+
+    def embed(self, texts: list[str], kind: str, task_prompt: str | None = None, desc: str | None = None) -> np.ndarray:
+        """Float embeddings of `texts` (n, dim), encoding only what the cache lacks, each chunk saved as it is done."""
+        self.fill(texts, kind, task_prompt, desc)
+        return self.cache.get([cache_key(self.prompt(kind, task_prompt), t) for t in texts])

@@ -97,8 +97,7 @@ def main(argv=None) -> None:
 
 def encode_tasks(base: BaseModel, tasks: list, no_encode: bool = False) -> int:
     """Say per task how many texts it has and how many are cached, encode what is missing (saved as it goes), and
-    return the embedding dimension (read from the cache when nothing is missing: the model is not loaded)."""
-    dim = None
+    return the embedding dimension, the cache's (when nothing is missing the model is not loaded)."""
     for task in tasks:
         name, texts = task.metadata.name, task_texts(task)
         prompts = {kind: task_prompt(base, name, kind) for kind in texts}
@@ -111,8 +110,8 @@ def encode_tasks(base: BaseModel, tasks: list, no_encode: bool = False) -> int:
         if sum(missing.values()) and base._model is None:
             print(f"device {base.model.device}" + (f" (+ {', '.join(base.devices[1:])})" if base.devices and len(base.devices) > 1 else ""))
         for kind, t in texts.items():
-            dim = base.embed(t, kind, prompts[kind], desc=f"encoding {name} {PLURAL[kind]}").shape[1]
-    return dim
+            base.fill(t, kind, prompts[kind], desc=f"encoding {name} {PLURAL[kind]}")
+    return base.cache.dim
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +251,7 @@ def evaluate_rows(rows: dict[str, Row], tasks: list, args, stamp: str, mteb_json
     """Every row through mteb.evaluate: its metrics, bytes and per-query nDCG@10, and its entry of the run record."""
     records, per_query, recorded = [], {}, {}
     result_cache, sampler = mteb.ResultCache(str(mteb_json)), MemorySampler()
-    before_rows = sampler.reset()
+    before_rows = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak so far (kB on Linux)
     for name, row in tqdm(rows.items(), desc="rows", unit=" rows"):
         started, wall, cpu = time.time(), time.perf_counter(), time.process_time()
         result = mteb.evaluate(row.search, tasks=tasks, cache=result_cache, overwrite_strategy="always", show_progress_bar=False,

@@ -894,6 +894,16 @@ METHODS = {  # name -> declaration; the report's order within equal bytes
     "opq2b": Entry(FaissCodes, lambda d: pq(d, d // 4, opq=True), "texts"),
     "pq2b_fastscan": Entry(FaissCodes, lambda d: pq(d, d // 2, bits=4, fast_scan=True), "texts"),
     "sq2b": Entry(FaissCodes, lambda d: FaissSettings("SQtqmse2", -(-d // 4), "scalar", SYM_ASYM), "texts"),
+    # TurboQuant as designed: faiss's seeded random rotation first, so every coordinate is near N(0, 1/d), the
+    # distribution its levels are made for (sq2b codes the raw coordinates); tq2b: its inner-product form, 2 bits per
+    # dimension plus 8 bytes (faiss SQtq2)
+    "sq2b_rotated": Entry(FaissCodes, lambda d: FaissSettings("RR,SQtqmse2", -(-d // 4), "scalar", SYM_ASYM), "texts"),
+    "tq2b": Entry(FaissCodes, lambda d: FaissSettings("RR,SQtq2", -(-d // 4) + 8, "scalar", SYM_ASYM), "texts"),
+    # product quantisation learned for the frozen encoder (quantization_modules.LearnedPQ): pq1b's codebooks, started
+    # from its k-means and trained with InfoNCE between the float query and the decoded positive (JPQ's loss), chosen
+    # on validation (results/<MiniLM>/experiments/learned-pq.md); searched by faiss's ADC as pq1b is
+    "learned_pq1b": Entry(FaissCodes, lambda d: pq(d, d // 8), "training", quantizer="LearnedPQ", loss_weights=(0.0, 1.0),
+                          lr=1e-4),
     # RaBitQ: 1 bit per dimension plus 8 bytes of factors; more bits per dimension plus 20 bytes
     "rabitq": Entry(FaissCodes, lambda d: FaissSettings("RaBitQ", -(-d // 8) + 8, "rabitq", RABITQ), "texts"),
     "rabitq2b": Entry(FaissCodes, lambda d: FaissSettings("RaBitQ2", -(-d // 4) + 20, "rabitq", ("qb8",)), "texts"),
