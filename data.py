@@ -18,6 +18,7 @@ import re
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -293,3 +294,14 @@ def write_atomic(path: Path, data: str | bytes | Callable, exclusive: bool = Fal
             except OSError:
                 break
         raise UsageError(f"cannot write {path} ({e.strerror or e})") from None
+
+
+def clocks() -> tuple[float, float]:
+    """(wall, CPU) seconds now, for `spent`."""
+    return time.perf_counter(), time.process_time()
+
+
+def spent(since: tuple[float, float]) -> dict[str, float]:
+    """Wall and CPU seconds since `since` (clocks()): CPU time says what the work cost on a busy machine."""
+    now = clocks()
+    return {"seconds": round(now[0] - since[0], 2), "cpu_seconds": round(now[1] - since[1], 2)}

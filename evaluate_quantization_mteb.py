@@ -34,7 +34,7 @@ import methods
 import report
 import results
 from checkpoints import CHECKPOINTS_DIR, checkpoint_fingerprint, checkpoint_path, load_method
-from data import PROTOCOLS, SEED, UsageError, check_writable, write_atomic
+from data import PROTOCOLS, SEED, UsageError, check_writable, clocks, spent, write_atomic
 from encoders import BATCH_SIZE, CACHE_DIR, DEFAULT_MODEL, PLURAL, BaseModel, canonical_name, model_slug, quiet_libraries
 from fitting import TRAIN_DATA, FittingData, common_metadata, fit_to_checkpoint, load_fitting_data
 from mteb_adapter import RowSearch, TaskEmbeddings, check_mteb, get_retrieval_tasks, per_query_ndcg, task_fingerprints
@@ -150,7 +150,7 @@ class Methods:
     where the training command writes it. One that cannot be had is None, said in one line and kept in `unavailable`."""
 
     def __init__(self, args, base: BaseModel, dim: int):
-        self.args, self.base, self.dim, self.loaded, self.unavailable = args, base, dim, {}, {}
+        self.args, self.base, self.dim, self.loaded, self.unavailable, self.costs = args, base, dim, {}, {}, {}
         self.fitting: FittingData | UsageError | None = None  # loaded the first time a fit needs it (or why it cannot be)
 
     def get(self, name: str) -> Loaded | None:
@@ -177,23 +177,27 @@ class Methods:
         """Fit `name` on the fitting texts and write its checkpoint (UsageError, one line, when it cannot be)."""
         if self.fitting is None:
             print(f"{name}: no checkpoint at {path}; fitting it on the {self.args.protocol} fitting texts of {self.args.train_data}")
+            start = clocks()
             try:
                 self.fitting = load_fitting_data(self.base, self.args.train_data, self.args.protocol, self.args.tasks,
                                                  beir_dir=self.args.data_dir)
             except UsageError as e:
                 self.fitting = e
+            self.costs["fitting texts"] = spent(start)
         if isinstance(self.fitting, UsageError):
             raise UsageError(f"no checkpoint at {path}, and no fitting texts to fit it on ({self.fitting})")
-        start = time.time()
+        start = clocks()
         common = common_metadata(self.args.model, self.args.protocol, self.dim, SEED, self.fitting.sources)
         method = fit_to_checkpoint(name, self.fitting, common, path, {"fitted_by": "evaluate_quantization_mteb.py"})
-        print(f"{name}: fitted on {len(self.fitting.embeddings):,} texts in {time.time() - start:.1f}s, wrote {path}")
+        self.costs[f"fit {name}"] = spent(start)
+        print(f"{name}: fitted on {len(self.fitting.embeddings):,} texts in {self.costs[f'fit {name}']['seconds']:.1f}s, wrote {path}")
         return Loaded(method, {str(path): checkpoint_fingerprint(path)}, source_folders(self.fitting.sources))
 
 
-def plan_rows(args, base: BaseModel, dim: int, meta: ModelMeta, embeddings: TaskEmbeddings) -> dict[str, Row]:
+def plan_rows(args, base: BaseModel, dim: int, meta: ModelMeta, embeddings: TaskEmbeddings) -> tuple[dict[str, Row], dict]:
     """Every row of the run: each method that applies at this dimension and can be had, in each of its modes (a
-    re-ranking mode with its re-ranker, DEPTH_MODE also at each --rerank-depths depth), in the registry's order."""
+    re-ranking mode with its re-ranker, DEPTH_MODE also at each --rerank-depths depth), in the registry's order; and
+    what fitting methods that had no checkpoint cost (wall and CPU seconds)."""
     names = [m for m in methods.METHODS if m in args.methods and args.protocol in methods.entry(m).protocols]
     if args.protocol == "in-domain" and "float" in names and "float_adapted" not in names:
         names.insert(names.index("float") + 1, "float_adapted")  # the in-domain reference
@@ -215,7 +219,7 @@ def plan_rows(args, base: BaseModel, dim: int, meta: ModelMeta, embeddings: Task
             rows[row] = Row(name, mode, RowSearch(embeddings, row, index, meta), [method, *reranker], info)
     if not rows:
         raise UsageError("no row can run: " + "; ".join(f"{n}: {why}" for n, why in loader.unavailable.items()))
-    return rows
+    return rows, loader.costs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,7 +326,9 @@ def run(args) -> None:
     previous = results.read_table(args.output)  # read now: a table that cannot be read is refused before any work
     base = BaseModel(args.model, args.cache_dir, args.device, args.batch_size)
     base.encode_missing = not args.no_encode
+    start = clocks()
     dim = encode_tasks(base, tasks, args.no_encode)
+    costs = {"encoding the tasks": spent(start)}
     setting = dict(model=args.model, dimension=dim, protocol=args.protocol,
                    tasks={k: v for task in tasks for k, v in task_fingerprints(task).items()})
     if previous is not None:
@@ -330,11 +336,12 @@ def run(args) -> None:
     meta = ModelMeta.create_empty(overwrites=dict(
         name=args.model if "/" in args.model else f"local/{args.model}", revision="float", embed_dim=dim,
         similarity_fn_name=ScoringFunction.COSINE, framework=["Sentence Transformers", "PyTorch"]))
-    rows = plan_rows(args, base, dim, meta, TaskEmbeddings(base))
+    rows, fitting_costs = plan_rows(args, base, dim, meta, TaskEmbeddings(base))
     print(f"{len(rows)} rows: {', '.join(rows)}")
     stamp = run_name(args.output, previous)
     with tempfile.TemporaryDirectory(prefix="mteb-results-") as mteb_json:  # removed however the run ends
         new = evaluate_rows(rows, tasks, args, stamp, Path(mteb_json))
+        new.record["runs"][stamp] |= costs | fitting_costs
         new.record |= setting
         table = results.merge(previous, new, args.output)
         info = report.registry_info(table.rows.method, dim)[0] | {name: row.info for name, row in rows.items()}

@@ -360,7 +360,7 @@ def budget_table_lines(rows: pd.DataFrame, table: pd.DataFrame, per_query: dict,
     budget_table = pd.DataFrame(budget_rows)
     align = ["left" if c in ("best row", "best learned") else "center" if c == "sig. better" else "right" for c in budget_table]
     return ["### Best row within each budget", "",
-            "best row: highest mean nDCG@10 with bytes ≤ budget; best learned: the same among learned-threshold rows; "
+            "best row: highest mean nDCG@10 with bytes ≤ budget; best learned: the same among learned rows; "
             f"Δ: best row − best learned, per task (p; * p < {ALPHA}); sig. better: significantly better on every task.", "",
             budget_table.to_markdown(index=False, disable_numparse=True, colalign=align), ""]
 
@@ -389,9 +389,9 @@ def timing_section(record: dict, n_tasks: int, slow: float = 2.0) -> str:
 
 
 def learned_table(rows: pd.DataFrame, per_query: dict, info: dict[str, dict], table: pd.DataFrame) -> list[str]:
-    """Markdown lines: every learned-threshold row against every training-free row of its family with the same bits
-    per dimension and search mode (the codes' own searches, Hamming and asym; re-ranking hides the codes), per task
-    (paired test): does learning the thresholds earn its place?"""
+    """Markdown lines: every learned row against every training-free row of its family with the same bits per dimension
+    and search mode (the codes' own searches; re-ranking hides the codes), per task (paired test): does learning the
+    thresholds or codebooks earn its place?"""
     labels, split_of = list(column_labels(rows).values()), {label: key for key, label in column_labels(rows).items()}
     out = []
     for learned in [r for r in table.index if info[r].get("learned")]:
@@ -414,9 +414,9 @@ def learned_table(rows: pd.DataFrame, per_query: dict, info: dict[str, dict], ta
     if not out:
         return []
     frame = pd.DataFrame(out)
-    return ["### Learned against training-free thresholds", "",
-            "Each learned-threshold row against each training-free row of its family with the same bits per dimension "
-            f"and search mode: Δ = learned − training-free nDCG@10 per task (paired randomisation test; * p < {ALPHA}).", "",
+    return ["### Learned against training-free codes", "",
+            "Each learned row (thresholds or codebooks) against each training-free row of its family with the same bits per "
+            f"dimension and search mode: Δ = learned − training-free nDCG@10 per task (paired randomisation test; * p < {ALPHA}).", "",
             frame.to_markdown(index=False, disable_numparse=True), ""]
 
 
@@ -858,8 +858,8 @@ def grouped(rows: list[str], dim: int, most: int = 12) -> str:
 
 def status_lines(results_dir: Path, checkpoints_dir: Path) -> tuple[list[str], bool]:
     """A line per model's results folder under `results_dir` (one with a run record or a checkpoints folder; each
-    protocol): complete, or its missing, stale and unrecorded rows and its methods without a checkpoint; and whether
-    every folder is complete."""
+    protocol): complete, or its missing and stale rows and its methods without a checkpoint, and the rows scored before
+    run records (said, not counted against completeness); and whether every folder is complete."""
     folders = sorted(p.parent for pattern in ("*/latest.csv", *(f"*/{p}/latest.csv" for p in PROTOCOLS[1:]))
                      for p in Path(results_dir).glob(pattern))
     model_folder = lambda f: f.parent if f.name in PROTOCOLS else f  # noqa: E731
@@ -869,10 +869,12 @@ def status_lines(results_dir: Path, checkpoints_dir: Path) -> tuple[list[str], b
     lines, complete = [], True
     for folder in folders:
         s = results.status(folder, checkpoints_dir)
-        problems = {k: s[k] for k in ("missing", "stale", "unrecorded", "no_checkpoint") if s[k]}
+        problems = {k: s[k] for k in ("missing", "stale", "no_checkpoint") if s[k]}
         complete &= not problems
         said = [f"{len(v)} {k.replace('_', ' ')}: {grouped(v, s['dimension']) if k != 'stale' else '; '.join(v)}"
                 for k, v in problems.items()]
+        said += [f"{len(s['unrecorded'])} scored before run records (whether their checkpoints changed since is not "
+                 f"known; a rerun records them): {grouped(s['unrecorded'], s['dimension'])}"] if s["unrecorded"] else []
         said += [f"{len(s['unknown'])} not in the registry (left out of reports): {', '.join(s['unknown'])}"] if s["unknown"] else []
         lines.append(f"{folder} (d = {s['dimension']}, {s['protocol']}): " + ("; ".join(said) if said else "complete"))
     return lines, complete

@@ -329,6 +329,9 @@ def test_a_method_fitted_on_texts_without_a_checkpoint_is_fitted_as_the_training
         assert ours[0].keys() == training[0].keys() and all(np.array_equal(ours[0][k], training[0][k]) for k in ours[0])
         assert ours[1]["training_sources"] == training[1]["training_sources"] and ours[1]["fitted_by"] == "evaluate_quantization_mteb.py"
     assert set(pd.read_csv(tmp_path / "results" / "latest.csv").method) == {"pq1b", "int8"}
+    run = next(iter(json.loads((tmp_path / "results" / "record.json").read_text())["runs"].values()))
+    assert {"encoding the tasks", "fitting texts", "fit pq1b", "fit int8"} <= set(run)  # what the first table cost
+    assert all(run[k]["cpu_seconds"] > 0 for k in ("fitting texts", "fit pq1b"))
     again = evaluate(*common, "--output", tmp_path / "again")
     assert "fitted on" not in again and "pq1b" in set(pd.read_csv(tmp_path / "again" / "latest.csv").method)
 

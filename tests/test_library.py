@@ -1,5 +1,6 @@
 """The tool as a library (library.load_encoder): what it returns, how it scores it, the README snippet, a quiet run."""
 
+import logging
 import re
 import subprocess
 import sys
@@ -90,9 +91,25 @@ def test_readme_snippet_runs_as_written():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[0 1]" in result.stdout or "[0, 1]" in result.stdout  # each query finds its own document first
     assert result.stderr == "" and len(result.stdout.splitlines()) == 1  # a library prints only what it is asked
-    verbose = snippet.replace('load_encoder("stage1_zero")', 'load_encoder("stage1_zero", verbose=True)')
-    result = subprocess.run([sys.executable, "-c", verbose], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and "Loading weights" in result.stderr  # asked: the libraries' loading progress
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verbose", [False, True])
+def test_verbose_loading_leaves_the_libraries_progress_and_logs_on(verbose, monkeypatch):
+    """What the libraries show while the model loads (whether a bar is drawn also depends on the terminal and the
+    environment): their progress bars and info logs, off unless asked, as they were afterwards."""
+    import transformers
+    seen, original = [], library.BaseModel.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append((transformers.utils.logging.is_progress_bar_enabled(), logging.getLogger("transformers").level))
+        original(self, *args, **kwargs)
+    monkeypatch.setattr(library.BaseModel, "__init__", spy)
+    transformers.utils.logging.enable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.INFO)
+    library.load_encoder("stage1_zero", device="cpu", verbose=verbose)
+    assert seen == [(True, logging.INFO)] if verbose else seen == [(False, logging.ERROR)]
+    assert transformers.utils.logging.is_progress_bar_enabled() and logging.getLogger("transformers").level == logging.INFO
 
 
 @pytest.mark.slow

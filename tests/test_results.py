@@ -116,6 +116,13 @@ def test_the_status_names_missing_stale_and_unrecorded_rows_and_missing_checkpoi
     assert all(status[k] == [] for k in ("missing", "stale", "unrecorded", "no_checkpoint", "unknown")), status
     done = status_command(tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == f"{folder} (d = 384, transfer): complete", done.stdout
+    t = results.read_table(folder)
+    recorded = folder.joinpath(results.RECORD).read_text()
+    del t.record["rows"]["float16"]  # scored before run records: said, not a gap
+    folder.joinpath(results.RECORD).write_text(results.record_json(t.record))
+    done = status_command(tmp_path)
+    assert done.returncode == 0 and "1 scored before run records" in done.stdout and "float16" in done.stdout, done.stdout
+    folder.joinpath(results.RECORD).write_text(recorded)
 
     (checkpoint_dir / "org__model" / "pq1b.safetensors").write_bytes(checkpoint_file([0.0]))  # refitted
     (checkpoint_dir / "org__model" / "lloyd2b.safetensors").write_bytes(checkpoint_file([float(len("lloyd2b"))], "new metadata only"))  # the same arrays
