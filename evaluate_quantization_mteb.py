@@ -260,7 +260,7 @@ def evaluate_rows(rows: dict[str, Row], tasks: list, args, stamp: str, mteb_json
         started, wall, cpu = time.time(), time.perf_counter(), time.process_time()
         result = mteb.evaluate(row.search, tasks=tasks, cache=result_cache, overwrite_strategy="always", show_progress_bar=False,
                                encode_kwargs={"batch_size": args.batch_size, "show_progress_bar": False})
-        recorded[name] = dict(method=row.method, mode=row.mode, run=stamp, started=started, wall_s=time.perf_counter() - wall,
+        recorded[name] = dict(method=row.method, mode=row.mode, depth=row.info.get("depth"), run=stamp, started=started, wall_s=time.perf_counter() - wall,
                               cpu_s=time.process_time() - cpu, peak_rss_bytes=sampler.reset(), bytes_per_vector=row.info["bytes"],
                               checkpoints={p: f for got in row.loaded for p, f in got.checkpoints.items()},
                               sources=sorted({s for got in row.loaded for s in got.sources}))
@@ -344,7 +344,7 @@ def run(args) -> None:
         new.record["runs"][stamp] |= costs | fitting_costs
         new.record |= setting
         table = results.merge(previous, new, args.output)
-        info = report.registry_info(table.rows.method, dim)[0] | {name: row.info for name, row in rows.items()}
+        info = report.registry_info(table.rows.method, dim, table.record)[0] | {name: row.info for name, row in rows.items()}
         table.rows = report.add_statistics(table.rows, table.per_query, "float_adapted" if "float_adapted" in info else "float")
         new.rows = table.rows[table.rows.method.isin(list(rows))]
         title = f"{args.model} (d = {dim}) on {', '.join(t.metadata.name for t in tasks)}, protocol {args.protocol}"

@@ -548,7 +548,11 @@ def copy_sections(document: str) -> str:
     in the report file named, so README's and docs' tables are the results files' own, never typed by hand."""
     def table(match) -> str:
         path, heading = match.group(1), match.group(2)
-        text = open(path).read()
+        if not Path(path).is_file():
+            raise UsageError(f"{path} does not exist (named in a '<!-- from' line)")
+        text = Path(path).read_text()
+        if heading not in text:
+            raise UsageError(f"{path} has no heading {heading!r} (named in a '<!-- from' line)")
         start = text.index(heading)
         lines = text[start:].splitlines()
         first = next(i for i, line in enumerate(lines) if line.startswith("|"))
@@ -569,10 +573,11 @@ def row_info(name: str, mode: str, dim: int) -> dict:
                 describe=methods.describe(name, dim), information_bits=methods.information_bits(name, dim))
 
 
-def registry_info(row_names, dim: int) -> tuple[dict[str, dict], list[str]]:
+def registry_info(row_names, dim: int, record: dict | None = None) -> tuple[dict[str, dict], list[str]]:
     """`info` for each row name the registry has at dimension `dim` (method, family, mode, learned, keeps_float,
-    information_bits, as the evaluation builds it; a depth row "<row>@k" also has depth and extra), and the names it
-    does not have (rows of an older registry)."""
+    information_bits, as the evaluation builds it; a re-ranking row also its depth: "<row>@k" k (and extra), any other
+    the depth its run record says, else methods.RERANK_K, which every run used before records said it), and the names
+    it does not have (rows of an older registry)."""
     known = {row: (name, mode) for name in methods.METHODS if methods.applies(name, dim) is None
              for row, mode in methods.rows_of(name, dim).items()}
     info, unknown = {}, []
@@ -584,6 +589,8 @@ def registry_info(row_names, dim: int) -> tuple[dict[str, dict], list[str]]:
         info[row] = row_info(*known[base], dim)
         if at:
             info[row] |= dict(depth=int(depth), extra=True)
+        elif methods.MODES[info[row]["mode"]].reranker:
+            info[row] |= dict(depth=(record or {}).get("rows", {}).get(row, {}).get("depth", methods.RERANK_K), extra=False)
     return info, unknown
 
 
@@ -902,10 +909,11 @@ def main(argv: list[str]) -> None:
     if "--compare" in argv:
         sys.exit("error: --compare comes first: python report.py --compare results/<model A> results/<model B>")
     for name in argv:
-        with open(name) as f:
-            updated = copy_sections(f.read())
-        with open(name, "w") as f:
-            f.write(updated)
+        try:
+            updated = copy_sections(Path(name).read_text())
+        except (UsageError, OSError) as e:
+            sys.exit(f"error: {name}: {e}")
+        write_atomic(Path(name), updated)
 
 
 if __name__ == "__main__":  # python report.py README.md docs/*.md | --compare results/a results/b | --status

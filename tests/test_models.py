@@ -13,9 +13,7 @@ import mteb
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from safetensors import safe_open
-from sentence_transformers.sentence_transformer.modules import Dense
 
 import checkpoints
 import data
@@ -23,22 +21,13 @@ import encoders
 import library
 import methods
 import mteb_adapter
+from bench_first_table import save_projection
 from conftest import ROOT, evaluate, interrupt, run_training, write_beir, write_qrels
 from embedding_cache import KEYS, EmbeddingCache, cache_key
 
 pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 TRANSFER = [name for name, e in methods.METHODS.items() if "transfer" in e.protocols]
 SKIPPED = re.compile(r"^(\S+): skipped, it does not apply at dimension (\d+) \((.+)\)$")
-
-
-def save_projection(folder: Path, d: int, seed: int = 0) -> Path:
-    """The packaged MiniLM followed by a seeded 384 -> d linear map with orthonormal rows or columns, saved as a
-    sentence-transformers folder: a real model of dimension d whose geometry is MiniLM's (up to the lost directions)."""
-    model = encoders.load_base_model(encoders.DEFAULT_MODEL, "cpu")
-    weight = torch.nn.init.orthogonal_(torch.empty(d, 384), generator=torch.Generator().manual_seed(seed))
-    model.append(Dense(384, d, bias=False, activation_function=torch.nn.Identity(), init_weight=weight))
-    model.save(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="session", params=[256, 1024])

@@ -70,6 +70,8 @@ def test_readme_add_a_method_runs_as_written(shared_copy):
     shell(re.sub(r"--methods .*", "--methods " + " ".join(BASELINE), evaluation), shared_copy)  # the table before
     table = shared_copy / "results" / model_slug(DEFAULT_MODEL)
     before = pd.read_csv(table / results.LATEST)
+    depth_before = depth_section((table / "latest.md").read_text())
+    assert "| k=50 " in depth_before  # the rows re-ranked at the default depth are its k = 50 column
     for command in commands:
         shell(command, shared_copy)
 
@@ -85,3 +87,8 @@ def test_readme_add_a_method_runs_as_written(shared_copy):
     assert record["rows"][name]["checkpoints"] == {str(checkpoint.relative_to(shared_copy)): checkpoints.checkpoint_fingerprint(checkpoint)}
     assert len(record["runs"]) == 2 and {r["run"] for r in record["rows"].values()} == set(record["runs"])
     assert f"| {name} " in (table / "latest.md").read_text()
+    assert depth_section((table / "latest.md").read_text()) == depth_before  # the rows it did not run, as they were
+
+
+def depth_section(markdown: str) -> str:
+    return markdown[markdown.index("### How deep to re-rank"):].split("\n### ")[0]

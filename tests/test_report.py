@@ -248,3 +248,21 @@ def test_the_depth_table_names_the_first_depth_that_reaches_99_percent():
     main = [r["row"] for r in markdown_table(markdown, "row")]
     assert sorted(main) == ["float", "sign+rerank_int8"]  # the other depths stay out of the main table
     assert report.depth_plot(rows, info, "t").startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("line, says", [
+    ("<!-- from {tmp}/absent.md: ### Table -->", "absent.md does not exist"),
+    ("<!-- from {tmp}/source.md: ### Other -->", "has no heading '### Other'"),
+])
+def test_a_copied_table_whose_source_is_gone_is_one_error_line_and_the_file_unchanged(line, says, tmp_path):
+    (tmp_path / "source.md").write_text("### Table\n\n| a |\n|---|\n| 1 |\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text(line.format(tmp=tmp_path) + "\nold\n<!-- end -->\n")
+    before = doc.read_text()
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(doc)])
+    assert str(exit_.value).startswith(f"error: {doc}: ") and says in str(exit_.value) and "\n" not in str(exit_.value)
+    assert doc.read_text() == before
+    doc.write_text(f"<!-- from {tmp_path}/source.md: ### Table -->\nold\n<!-- end -->\n")
+    report.main([str(doc)])
+    assert doc.read_text() == f"<!-- from {tmp_path}/source.md: ### Table -->\n| a |\n|---|\n| 1 |\n<!-- end -->\n"
