@@ -16,6 +16,7 @@ how busy the machine was as much as what the work cost; CPU time much less so. B
 import argparse
 import json
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -70,10 +71,10 @@ def evaluation_cost(model: str, tasks: list[str], data_dir: Path, train_data: Pa
             "scoring": {"seconds": round(sum(r["wall_s"] for r in rows), 1), "cpu_seconds": round(sum(r["cpu_s"] for r in rows), 1)}}
 
 
-def training_cost(model: str, tasks: list[str], data_dir: Path, train_data: Path, work: Path) -> dict:
+def training_cost(model: str, tasks: list[str], data_dir: Path, train_data: Path, work: Path, options: list[str]) -> dict:
     out = work / "training"
     whole = timed(["quantization_modules.py", "--model", model, "--tasks", *tasks, "--data-dir", data_dir, "--train-data", train_data,
-                   "--out", out / "checkpoints", "--cache-dir", out / "cache"])
+                   "--out", out / "checkpoints", "--cache-dir", out / "cache", *options])
     record = json.loads(next((out / "checkpoints").glob("*/record.json")).read_text())
     run = next(iter(record["runs"].values()))
     per_method = record["methods"]
@@ -100,6 +101,8 @@ def main(argv=None) -> None:
     p.add_argument("--train-data", type=Path, default=TRAIN_DATA)
     p.add_argument("--work", type=Path, help="where the model, caches, checkpoints and tables go (default: a temporary folder)")
     p.add_argument("--skip-training", action="store_true")
+    p.add_argument("--training-options", default="", help="more options for the training command, as one string "
+                   "(e.g. '--epochs 1'; the default measures its defaults)")
     args = p.parse_args(argv)
     work = (args.work or Path(tempfile.mkdtemp(prefix="first-table-"))).resolve()
     args.data_dir, args.train_data = args.data_dir.resolve(), args.train_data.resolve()  # the commands run from here
@@ -110,7 +113,7 @@ def main(argv=None) -> None:
     if costs["evaluation"]["whole"]["returncode"] != 0:
         sys.exit("error: the evaluation failed")
     if not args.skip_training:
-        costs["training"] = training_cost(model, args.tasks, args.data_dir, args.train_data, work)
+        costs["training"] = training_cost(model, args.tasks, args.data_dir, args.train_data, work, shlex.split(args.training_options))
         if costs["training"]["whole"]["returncode"] != 0:
             sys.exit("error: the training command failed")
     print(report(costs))
