@@ -651,7 +651,6 @@ def commit(moves: list[tuple[Path, Path]], folder: Path, run_entry: dict, costs:
         signal.signal(signal.SIGINT, ctrl_c)
 
 
-
 def run(args) -> None:
     """Check the folders and weights, embed the data, then fit or train each method that applies, then commit."""
     for name in args.methods:
