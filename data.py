@@ -296,12 +296,13 @@ def write_atomic(path: Path, data: str | bytes | Callable, exclusive: bool = Fal
         raise UsageError(f"cannot write {path} ({e.strerror or e})") from None
 
 
-def clocks() -> tuple[float, float]:
-    """(wall, CPU) seconds now, for `spent`."""
-    return time.perf_counter(), time.process_time()
+def clocks(thread: bool = False) -> tuple[float, float]:
+    """(wall, CPU) seconds now, for `spent`; CPU of the process, or of the calling thread only (a fit run beside
+    others)."""
+    return time.perf_counter(), time.thread_time() if thread else time.process_time()
 
 
-def spent(since: tuple[float, float]) -> dict[str, float]:
-    """Wall and CPU seconds since `since` (clocks()): CPU time says what the work cost on a busy machine."""
-    now = clocks()
+def spent(since: tuple[float, float], thread: bool = False) -> dict[str, float]:
+    """Wall and CPU seconds since `since` (clocks(thread)): CPU time says what the work cost on a busy machine."""
+    now = clocks(thread)
     return {"seconds": round(now[0] - since[0], 2), "cpu_seconds": round(now[1] - since[1], 2)}

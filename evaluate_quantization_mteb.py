@@ -8,12 +8,13 @@ the model's table -> statistics -> report.
     python evaluate_quantization_mteb.py --tasks NFCorpus SciFact --data-dir ../shared/data/beir --methods pq1b
 
 A run updates the model's table in its output folder (default results/<model-slug>/[in-domain/]): the rows it ran
-replace their old selves and every other row stays (results.py). A method fitted on texts without a checkpoint is
-fitted here on the protocol's fitting texts and its checkpoint written as the training command writes it; a learned
-method without one is left out with one line naming the command that trains it.
+replace their old selves and every other row stays (results.py). Methods fitted on texts without a checkpoint are
+fitted here on the protocol's fitting texts, two at a time, and their checkpoints written as the training command
+writes them; a learned method without one is left out with one line naming the command that trains it.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -36,7 +37,7 @@ import results
 from checkpoints import CHECKPOINTS_DIR, checkpoint_fingerprint, checkpoint_path, load_method
 from data import PROTOCOLS, SEED, UsageError, check_writable, clocks, spent, write_atomic
 from encoders import BATCH_SIZE, CACHE_DIR, DEFAULT_MODEL, PLURAL, BaseModel, canonical_name, model_slug, quiet_libraries
-from fitting import TRAIN_DATA, FittingData, common_metadata, fit_to_checkpoint, load_fitting_data
+from fitting import FIT_THREADS, TRAIN_DATA, FittingData, common_metadata, fit_side_by_side, fit_to_checkpoint, load_fitting_data
 from mteb_adapter import RowSearch, TaskEmbeddings, check_mteb, get_retrieval_tasks, per_query_ndcg, task_fingerprints
 from mteb_adapter import task_prompt, task_qrels, task_scores, task_texts
 
@@ -145,18 +146,30 @@ def source_folders(sources: dict) -> list[str]:
 
 
 class Methods:
-    """The methods the rows need, each loaded once with its checkpoint. A method fitted on texts without a checkpoint
-    is fitted on the protocol's fitting texts (embedded once, the first time one is needed) and its checkpoint written
-    where the training command writes it. One that cannot be had is None, said in one line and kept in `unavailable`."""
+    """The methods the rows need, each loaded once with its checkpoint. Methods fitted on texts without a checkpoint
+    are fitted on the protocol's fitting texts (embedded once, the first time one is needed), side by side, and their
+    checkpoints written where the training command writes them. One that cannot be had is None, said in one line and
+    kept in `unavailable`."""
 
     def __init__(self, args, base: BaseModel, dim: int):
         self.args, self.base, self.dim, self.loaded, self.unavailable, self.costs = args, base, dim, {}, {}, {}
         self.fitting: FittingData | UsageError | None = None  # loaded the first time a fit needs it (or why it cannot be)
 
+    def path(self, name: str) -> Path:
+        return checkpoint_path(self.args.checkpoints, self.args.model, name, self.args.protocol)
+
+    def fit_missing(self, names: list[str]) -> None:
+        """Fit every method of `names` fitted on texts that has no checkpoint, FIT_THREADS at a time."""
+        todo = [n for n in names if methods.entry(n).fitted_on == "texts" and not self.path(n).is_file()]
+        if len(todo) > 1:
+            with contextlib.suppress(UsageError):  # embedded once, before the fits share them; else each fit says why
+                self.fitting_data()
+            print(f"{len(todo)} methods fitted on texts have no checkpoint; fitting them, {FIT_THREADS} at a time: {', '.join(todo)}")
+            fit_side_by_side(self.get, todo)
+
     def get(self, name: str) -> Loaded | None:
         if name not in self.loaded:
-            entry = methods.entry(name)
-            path = checkpoint_path(self.args.checkpoints, self.args.model, name, self.args.protocol)
+            entry, path = methods.entry(name), self.path(name)
             if entry.fitted_on == "nothing" or path.is_file():  # a checkpoint that cannot be its method stops the run
                 method, meta = load_method(name, self.dim, self.args.model, self.args.checkpoints, self.args.protocol)
                 sums = {str(path): checkpoint_fingerprint(path)} if entry.fitted_on != "nothing" else {}
@@ -173,10 +186,10 @@ class Methods:
                 print(f"{name}: skipped, {self.unavailable[name]}")
         return self.loaded[name]
 
-    def fit(self, name: str, path: Path) -> Loaded:
-        """Fit `name` on the fitting texts and write its checkpoint (UsageError, one line, when it cannot be)."""
+    def fitting_data(self) -> FittingData:
+        """The protocol's fitting texts, embedded the first time a fit needs them (UsageError when they cannot be)."""
         if self.fitting is None:
-            print(f"{name}: no checkpoint at {path}; fitting it on the {self.args.protocol} fitting texts of {self.args.train_data}")
+            print(f"fitting texts: {self.args.protocol} protocol, from {self.args.train_data}")
             start = clocks()
             try:
                 self.fitting = load_fitting_data(self.base, self.args.train_data, self.args.protocol, self.args.tasks,
@@ -185,13 +198,23 @@ class Methods:
                 self.fitting = e
             self.costs["fitting texts"] = spent(start)
         if isinstance(self.fitting, UsageError):
-            raise UsageError(f"no checkpoint at {path}, and no fitting texts to fit it on ({self.fitting})")
-        start = clocks()
-        common = common_metadata(self.args.model, self.args.protocol, self.dim, SEED, self.fitting.sources)
-        method = fit_to_checkpoint(name, self.fitting, common, path, {"fitted_by": "evaluate_quantization_mteb.py"})
-        self.costs[f"fit {name}"] = spent(start)
-        print(f"{name}: fitted on {len(self.fitting.embeddings):,} texts in {self.costs[f'fit {name}']['seconds']:.1f}s, wrote {path}")
-        return Loaded(method, {str(path): checkpoint_fingerprint(path)}, source_folders(self.fitting.sources))
+            raise self.fitting
+        return self.fitting
+
+    def fit(self, name: str, path: Path) -> Loaded:
+        """Fit `name` on the fitting texts and write its checkpoint (UsageError, one line, when it cannot be); its CPU
+        seconds are its thread's (fits run side by side)."""
+        try:
+            fitting = self.fitting_data()
+        except UsageError as e:
+            raise UsageError(f"no checkpoint at {path}, and no fitting texts to fit it on ({e})") from None
+        print(f"{name}: no checkpoint at {path}; fitting it on {len(fitting.embeddings):,} texts")
+        start = clocks(thread=True)
+        common = common_metadata(self.args.model, self.args.protocol, self.dim, SEED, fitting.sources)
+        method = fit_to_checkpoint(name, fitting, common, path, {"fitted_by": "evaluate_quantization_mteb.py"})
+        self.costs[f"fit {name}"] = spent(start, thread=True)
+        print(f"{name}: fitted on {len(fitting.embeddings):,} texts in {self.costs[f'fit {name}']['seconds']:.1f}s, wrote {path}")
+        return Loaded(method, {str(path): checkpoint_fingerprint(path)}, source_folders(fitting.sources))
 
 
 def plan_rows(args, base: BaseModel, dim: int, meta: ModelMeta, embeddings: TaskEmbeddings) -> tuple[dict[str, Row], dict]:
@@ -202,6 +225,7 @@ def plan_rows(args, base: BaseModel, dim: int, meta: ModelMeta, embeddings: Task
     if args.protocol == "in-domain" and "float" in names and "float_adapted" not in names:
         names.insert(names.index("float") + 1, "float_adapted")  # the in-domain reference
     loader, rows = Methods(args, base, dim), {}
+    loader.fit_missing([name for name in names if not methods.applies(name, dim)])
     for name in names:
         if reason := methods.applies(name, dim):
             print(f"{name}: skipped, it does not apply at dimension {dim} ({reason})")

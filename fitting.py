@@ -10,6 +10,8 @@ documents are added (data.load_training_data).
 """
 
 import datetime
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from data import IN_DOMAIN_PAIRS, MAX_PER_SOURCE, SEED, TASKS, UsageError, load_
 from encoders import BaseModel
 
 TRAIN_DATA = Path("../shared/data")  # the default --train-data: pairs/ and beir-small/
+FIT_THREADS = 2  # methods fitted side by side, each on one faiss thread: the checkpoints one after another would give
 
 
 @dataclass
@@ -94,3 +97,14 @@ def fit_to_checkpoint(name: str, data: FittingData, common: dict, path: Path, ex
     method = fit(name, data.embeddings)
     save_checkpoint(path, method.state(), fitted_metadata(common, name, data.dim, len(data.embeddings)) | (extra or {}))
     return method
+
+
+def fit_side_by_side(fit_one: Callable[[str], object], names: list[str], threads: int = FIT_THREADS) -> list:
+    """fit_one(name) for every name, `threads` at a time (faiss leaves Python's lock while it fits, and each fit keeps
+    to one OpenMP thread of its own: methods.one_faiss_thread), results in order. Ctrl-C drops the fits not started;
+    those under way finish and keep their checkpoints before the process exits."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="fit")
+    try:
+        return list(pool.map(fit_one, names))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -34,6 +34,8 @@ from data import UsageError
 RERANK_K = 50  # first-stage candidates re-ranked in the +rerank and +rerank_int8 rows
 RERANK_DEPTHS = (10, 20, 50, 100, 200)  # extra +rerank_int8@k rows of the evaluation's depth table; bench_search's depths
 LSH_SEED = 0
+OPQ_ITERATIONS = 20  # OPQ's alternations of rotation and PQ (faiss's default 50): MiniLM's opq2b scored the same at 20
+#                      on validation and test in half the fit time (results/<MiniLM>/experiments/opq-iterations.md)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,6 +419,10 @@ class FaissCodes(Family):
     def __init__(self, name: str, dim: int, settings: FaissSettings):
         super().__init__(name, dim, settings)
         self.faiss_index = faiss.index_factory(dim, settings.spec, faiss.METRIC_INNER_PRODUCT)
+        if isinstance(self.faiss_index, faiss.IndexPreTransform):
+            for i in range(self.faiss_index.chain.size()):
+                if isinstance(transform := faiss.downcast_VectorTransform(self.faiss_index.chain.at(i)), faiss.OPQMatrix):
+                    transform.niter = OPQ_ITERATIONS
         inner = self.inner(self.faiss_index)
         if isinstance(inner, faiss.IndexPQ):
             inner.pq.cp.min_points_per_centroid = 1  # only silences a warning per sub-quantiser (10-bit codes on 22k
@@ -436,7 +442,7 @@ class FaissCodes(Family):
 
     @staticmethod
     def describe(d: int, s: FaissSettings) -> str:
-        return f"faiss {s.spec}"
+        return f"faiss {s.spec}" + (f" ({OPQ_ITERATIONS} iterations)" if s.spec.startswith("OPQ") else "")
 
     @staticmethod
     def label(s: FaissSettings) -> str:

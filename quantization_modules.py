@@ -13,7 +13,9 @@ the evaluated tasks' train queries (minus validation) and their relevant documen
 chosen on validation queries (a task's dev split, else a seeded 20% of its train queries), ranked by the method's own
 search; test qrels are never read here.
 
-Interruptions. The checkpoints are replaced together at the end of a run. Until then each one is staged under
+Methods fitted on texts are fitted first, two at a time (each on one faiss thread: the same checkpoints as one after
+another), then the learned ones are trained one at a time. Interruptions. The checkpoints are replaced together at the
+end of a run. Until then each one is staged under
 `<cache-dir>/unfinished-checkpoints/` as soon as it is made, so a rerun with the same inputs and settings keeps what an
 interrupted run fitted or trained, and the embedding cache keeps what it encoded.
 
@@ -46,7 +48,7 @@ from checkpoints import CHECKPOINTS_DIR, checkpoint_path, load_checkpoint, save_
 from data import IN_DOMAIN_PAIRS, MAX_PER_SOURCE, PROTOCOLS, SEED, TASKS, UsageError, check_writable, clocks, spent, write_atomic
 from data import document_text, find_task_folder, load_beir, load_training_data, task_query_splits
 from encoders import CACHE_DIR, DEFAULT_MODEL, BaseModel, canonical_name, quiet_libraries
-from fitting import TRAIN_DATA, FittingData, common_metadata, embed_fitting_data, fit, fitted_metadata
+from fitting import TRAIN_DATA, FittingData, common_metadata, embed_fitting_data, fit, fit_side_by_side, fitted_metadata
 from mteb_adapter import ndcg_at_10, task_prompt
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -670,20 +672,31 @@ def run(args) -> None:
     staging = Staging(args, data, validation, common)
     for name in ("float", "stage1_zero"):  # the references every method's validation line reads against
         print(f"{name:12s} validation nDCG@10 {validation.text(methods.make_method(name, data.dim), methods.own_mode(name, data.dim))}")
-    moves, costs = [], {}  # (staged, final path): moved together at the end; each method's wall and CPU seconds
-    bar = tqdm(args.methods, desc="methods", unit=" methods")  # a fit can take minutes (OPQ): the bar names the method
-    for name in bar:
-        bar.set_postfix_str(name)
+    names = []
+    for name in args.methods:
         if reason := methods.applies(name, data.dim):
             tqdm.write(f"{name}: skipped, it does not apply at dimension {data.dim} ({reason})")
-            continue
+        else:
+            names.append(name)
+    bar = tqdm(total=len(names), desc="methods", unit=" methods")  # a fit can take minutes (OPQ): the bar names it
+    costs = {}  # each method's wall and CPU seconds (a fit's: its thread's, as fits run side by side)
+
+    def fit_timed(name: str) -> None:
+        bar.set_postfix_str(name)
+        start = clocks(thread=True)
+        if fit_one(name, data, validation, staging, common):
+            costs[name] = spent(start, thread=True)
+        bar.update()
+
+    fit_side_by_side(fit_timed, [name for name in names if not methods.entry(name).learned])
+    for name in [name for name in names if methods.entry(name).learned]:  # torch uses both cores: one at a time
+        bar.set_postfix_str(name)
         start = clocks()
-        if methods.entry(name).learned:
-            train_one(name, args, data, validation, staging, common)
-        elif not fit_one(name, data, validation, staging, common):
-            continue
+        train_one(name, args, data, validation, staging, common)
         costs[name] = spent(start)
-        moves.append((staging.path(name), checkpoint_path(args.out, args.model, name, args.protocol)))
+        bar.update()
+    bar.close()
+    moves = [(staging.path(name), checkpoint_path(args.out, args.model, name, args.protocol)) for name in costs]
     folder = checkpoint_path(args.out, args.model, "x", args.protocol).parent
     commit(moves, folder, run_entry, costs)
     print(f"wrote {len(moves)} checkpoints to {folder}")

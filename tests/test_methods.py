@@ -21,6 +21,7 @@ import methods
 from checkpoints import checkpoint_path, load_method, save_checkpoint
 from data import UsageError
 from encoders import DEFAULT_MODEL
+from fitting import fit_side_by_side
 
 pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
@@ -420,6 +421,22 @@ def test_fits_are_the_same_whatever_the_faiss_thread_count(name):
         method.fit(vectors(64).fit)
         states.append({k: v.tobytes() for k, v in method.state().items()})
     assert states[0] == states[1]
+
+
+def test_fits_side_by_side_are_the_fits_one_after_another():
+    """The evaluation and the training command fit methods on two threads at once (fitting.fit_side_by_side); each
+    method's state is the one a fit alone on one thread gives, whatever its thread's OpenMP default, and the results
+    come back in the order asked."""
+    names = ["opq1b", "pca_half", "pq1b", "lloyd2b", "opq1b"]
+
+    def state(name, threads):
+        faiss.omp_set_num_threads(threads)  # this thread's default (restored to one by the fixture); a fit pins one
+        method = methods.make_method(name, 64)
+        method.fit(vectors(64).fit)
+        return {k: v.tobytes() for k, v in method.state().items()}
+
+    alone = [state(name, 1) for name in names]
+    assert fit_side_by_side(lambda name: state(name, 2), names, threads=2) == alone
 
 
 # ---------------------------------------------------------------------------------------------------------------
