@@ -306,6 +306,25 @@ def test_lloyd_max_puts_two_levels_between_two_clusters_at_their_means():
     np.testing.assert_allclose(methods.bin_means(v, thresholds), [[-1.0, 2.0]], atol=1e-6)
 
 
+LLOYD_MAX_GAUSSIAN_4 = (-1.5104, -0.4528, 0.4528, 1.5104)  # the 4-level Lloyd-Max quantiser of N(0, 1) (Max, 1960)
+
+
+@pytest.mark.parametrize("d", [384, 768])
+def test_sq2b_is_lloyd_max_for_coordinates_of_variance_one_over_d(d):
+    """faiss's SQtqmse2 (sq2b) fits nothing: its levels are N(0, 1)'s 4-level Lloyd-Max levels divided by sqrt(d),
+    the quantiser of a random unit vector's coordinates, whatever it is fitted on. On such vectors its decoded error is
+    lloyd2b's (levels fitted per dimension) within 2%; on coordinates of another variance it is not."""
+    x = methods.normalise(np.random.default_rng(d).standard_normal((4000, d)))
+    sq2b, lloyd2b = (methods.make_method(name, d) for name in ("sq2b", "lloyd2b"))
+    sq2b.fit(100 * x)  # nothing to learn: the levels do not move
+    lloyd2b.fit(x)
+    decoded = sq2b.decode(sq2b.encode(x))
+    np.testing.assert_allclose(np.unique(decoded[:, :8].round(5)), np.array(LLOYD_MAX_GAUSSIAN_4) / np.sqrt(d), atol=2e-5)
+    error = {name: ((m.decode(m.encode(x)) - x) ** 2).sum() for name, m in (("sq2b", sq2b), ("lloyd2b", lloyd2b))}
+    assert error["lloyd2b"] <= error["sq2b"] < 1.02 * error["lloyd2b"]
+    assert ((sq2b.decode(sq2b.encode(2 * x)) - 2 * x) ** 2).sum() > 2 * 4 * error["lloyd2b"]  # not scaled to the data
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # rankings from the definitions
 
