@@ -354,6 +354,8 @@ def test_every_row_ranks_as_its_definition(name, d, mode):
         index.add(docs)
         q = index.sa_decode(index.sa_encode(queries)) if mode == "sym" else queries
         params = faiss.RaBitQSearchParameters(qb=int(mode[2:])) if mode.startswith("qb") else None
+        if isinstance(index, faiss.IndexRaBitQFastScan):
+            index.qb, params = int(mode[2:]), None  # its query bits are a setting
         want_scores, want_ids = index.search(q, N_DOCS, params=params)
         assert np.array_equal(ids, want_ids)
         np.testing.assert_allclose(scores, want_scores, atol=1e-6, rtol=0)
@@ -427,6 +429,16 @@ def test_lsh_is_the_same_seeded_rotation_every_time():
         assert np.array_equal(first.encode(vectors(d).docs), second.encode(vectors(d).docs))
         matrix = matrix.reshape(first.transform.d_out, d)
         np.testing.assert_allclose(matrix @ matrix.T, np.eye(len(matrix)), atol=1e-5)  # a rotation: cosines kept
+
+
+@pytest.mark.parametrize("mode", ["qb8", "qb4"])
+def test_rabitq_fast_scan_ranks_as_rabitq_with_the_same_query_bits(mode):
+    """rabitq_fastscan stores rabitq's codes and scans them with 4-bit lookup tables: the same top 10 as rabitq's own
+    search with the same query bits, scores within 0.01."""
+    d = 64
+    (want_scores, want_ids), (scores, ids) = (search_all(name, d, mode) for name in ("rabitq", "rabitq_fastscan"))
+    assert np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(want_ids, ids)]) >= 0.95
+    np.testing.assert_allclose(scores[:, :10], want_scores[:, :10], atol=0.01)
 
 
 @pytest.mark.parametrize("name", ["pq1b", "pca_half", "lloyd2b", "opq1b"])
