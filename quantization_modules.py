@@ -678,24 +678,23 @@ def run(args) -> None:
             tqdm.write(f"{name}: skipped, it does not apply at dimension {data.dim} ({reason})")
         else:
             names.append(name)
-    bar = tqdm(total=len(names), desc="methods", unit=" methods")  # a fit can take minutes (OPQ): the bar names it
     costs = {}  # each method's wall and CPU seconds (a fit's: its thread's, as fits run side by side)
+    with tqdm(total=len(names), desc="methods", unit=" methods") as bar:  # a fit can take minutes (OPQ): the bar names it
 
-    def fit_timed(name: str) -> None:
-        bar.set_postfix_str(name)
-        start = clocks(thread=True)
-        if fit_one(name, data, validation, staging, common):
-            costs[name] = spent(start, thread=True)
-        bar.update()
+        def fit_timed(name: str) -> None:
+            bar.set_postfix_str(name)
+            start = clocks(thread=True)
+            if fit_one(name, data, validation, staging, common):
+                costs[name] = spent(start, thread=True)
+            bar.update()
 
-    fit_side_by_side(fit_timed, [name for name in names if not methods.entry(name).learned])
-    for name in [name for name in names if methods.entry(name).learned]:  # torch uses both cores: one at a time
-        bar.set_postfix_str(name)
-        start = clocks()
-        train_one(name, args, data, validation, staging, common)
-        costs[name] = spent(start)
-        bar.update()
-    bar.close()
+        fit_side_by_side(fit_timed, [name for name in names if not methods.entry(name).learned])
+        for name in [name for name in names if methods.entry(name).learned]:  # torch uses both cores: one at a time
+            bar.set_postfix_str(name)
+            start = clocks()
+            train_one(name, args, data, validation, staging, common)
+            costs[name] = spent(start)
+            bar.update()
     moves = [(staging.path(name), checkpoint_path(args.out, args.model, name, args.protocol)) for name in costs]
     folder = checkpoint_path(args.out, args.model, "x", args.protocol).parent
     commit(moves, folder, run_entry, costs)
