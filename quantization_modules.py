@@ -14,8 +14,9 @@ chosen on validation queries (a task's dev split, else a seeded 20% of its train
 search; test qrels are never read here.
 
 Methods fitted on texts are fitted first, two at a time (each on one faiss thread: the same checkpoints as one after
-another), then the learned ones are trained one at a time. Interruptions. The checkpoints are replaced together at the
-end of a run. Until then each one is staged under
+another), then the learned ones are trained one at a time.
+
+Interruptions. The checkpoints are replaced together at the end of a run. Until then each one is staged under
 `<cache-dir>/unfinished-checkpoints/` as soon as it is made, so a rerun with the same inputs and settings keeps what an
 interrupted run fitted or trained, and the embedding cache keeps what it encoded.
 
