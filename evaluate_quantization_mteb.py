@@ -165,7 +165,8 @@ class Methods:
             with contextlib.suppress(UsageError):  # embedded once, before the fits share them; else each fit says why
                 self.fitting_data()
             print(f"{len(todo)} methods fitted on texts have no checkpoint; fitting them, {FIT_THREADS} at a time: {', '.join(todo)}")
-            fit_side_by_side(self.get, todo)
+            with tqdm(total=len(todo), desc="fitting", unit=" methods") as bar:  # an OPQ fit takes minutes
+                fit_side_by_side(lambda name: (self.get(name), bar.update()), todo)
 
     def get(self, name: str) -> Loaded | None:
         if name not in self.loaded:
