@@ -160,7 +160,8 @@ class Methods:
 
     def fit_missing(self, names: list[str]) -> None:
         """Fit every method of `names` fitted on texts that has no checkpoint, FIT_THREADS at a time."""
-        todo = [n for n in names if methods.entry(n).fitted_on == "texts" and not self.path(n).is_file()]
+        todo = [n for n in names if methods.entry(n).fitted_on == "texts" and not methods.entry(n).slow_fit
+                and not self.path(n).is_file()]
         if len(todo) > 1:
             with contextlib.suppress(UsageError):  # embedded once, before the fits share them; else each fit says why
                 self.fitting_data()
@@ -177,9 +178,10 @@ class Methods:
                 self.loaded[name] = Loaded(method, sums, source_folders(json.loads(meta.get("training_sources", "{}"))))
                 return self.loaded[name]
             try:
-                if entry.learned:
+                if entry.learned or entry.slow_fit:
                     protocol = "" if self.args.protocol == "transfer" else f" --protocol {self.args.protocol}"
-                    raise UsageError(f"not trained yet (no checkpoint at {path}): python quantization_modules.py "
+                    raise UsageError(f"{'not trained yet' if entry.learned else 'not fitted yet, a fit of CPU minutes'} "
+                                     f"(no checkpoint at {path}): python quantization_modules.py "
                                      f"--model {self.args.model} --methods {name}{protocol}")
                 self.loaded[name] = self.fit(name, path)
             except UsageError as e:

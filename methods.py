@@ -409,6 +409,16 @@ def pq(d: int, m: int, bits: int = 8, opq: bool = False, fast_scan: bool = False
     return FaissSettings(f"OPQ{m},{code}" if opq else code, -(-m * bits // 8), "pq")
 
 
+def rq(d: int, bits_per_dim: float, fast_scan: bool = False) -> FaissSettings:
+    """faiss residual quantisation of d dimensions at `bits_per_dim`: a sum of codewords, one from each of m codebooks
+    of 256 (fast scan: 16) full-dimensional centroids, each codebook fitted on the residuals the ones before leave,
+    codes chosen by beam search (faiss's default beam, 5). No norm code: the inner product of a float query with a sum
+    of codewords is the sum of its look-ups (faiss ST_LUT_nonorm), and every row scores unit vectors by inner product."""
+    bits = 4 if fast_scan else 8
+    m = round(bits_per_dim * d / bits)
+    return FaissSettings(f"RQ{m}x{bits}" + ("fs" if fast_scan else ""), -(-m * bits // 8), "additive")
+
+
 class FaissCodes(Family):
     """Documents stored as the codes of a faiss index made by `index_factory(spec)`: casts (SQfp16, SQbf16), scalar
     quantisation with per-dimension ranges fitted on the fitting texts (SQ8, SQ4), product quantisation (PQ, OPQ),
@@ -424,9 +434,9 @@ class FaissCodes(Family):
                 if isinstance(transform := faiss.downcast_VectorTransform(self.faiss_index.chain.at(i)), faiss.OPQMatrix):
                     transform.niter = OPQ_ITERATIONS
         inner = self.inner(self.faiss_index)
-        if isinstance(inner, faiss.IndexPQ):
-            inner.pq.cp.min_points_per_centroid = 1  # only silences a warning per sub-quantiser (10-bit codes on 22k
-            #                                          texts); the training command prints how many texts it fits on
+        if isinstance(inner, faiss.IndexPQ) or hasattr(inner, "rq"):  # only silences a warning per k-means (10-bit
+            #   PQ or residual quantisation's beam on 22k texts); the training command prints how many texts it fits on
+            (inner.pq if isinstance(inner, faiss.IndexPQ) else inner.rq).cp.min_points_per_centroid = 1
 
     @staticmethod
     def inner(index):
@@ -475,7 +485,7 @@ class FaissCodes(Family):
             raise UsageError(f"{path} holds a faiss index of dimension {index.d} and {index.sa_code_size()} bytes, "
                              f"not a trained {self.settings.spec} of dimension {self.dim}")
         probe = index.sa_decode(index.sa_encode(np.eye(self.dim, dtype=np.float32)))
-        if self.settings.label == "pq":  # the probe's codes may miss a bad centroid: decode every centroid of each
+        if self.settings.label in ("pq", "additive"):  # the probe may miss a bad centroid: decode every one
             probe = index.sa_decode(np.repeat(np.arange(256, dtype=np.uint8)[:, None], index.sa_code_size(), axis=1))
         if not np.isfinite(probe).all():
             raise UsageError(f"{path}: the faiss index decodes to non-finite values")
@@ -858,7 +868,9 @@ class Entry:
     `fitted_on`: "nothing", "texts" (fitted by the training command on the protocol's fitting texts) or "training"
     (trained by it: `quantizer` names the quantization_modules.py class, trained with `loss_weights` = (similarity,
     InfoNCE) at learning rate `lr`, None for quantization_modules.LR). A trained method is a learned one: the report
-    tests it against the training-free rows of its family, bits and mode."""
+    tests it against the training-free rows of its family, bits and mode. `slow_fit`: a fit of CPU minutes (additive
+    quantisers), made by the training command only when named in its --methods; the evaluation does not fit it itself
+    but names that command, as for an untrained learned method."""
 
     family: type[Family]
     settings: Callable[[int], object] | None = None
@@ -867,6 +879,7 @@ class Entry:
     loss_weights: tuple[float, float] = (1.0, 0.0)
     lr: float | None = None
     protocols: tuple[str, ...] = ("transfer", "in-domain")
+    slow_fit: bool = False
 
     def __post_init__(self):  # a wrong declaration fails at import, not in a report
         if inspect.isabstract(self.family):
@@ -882,6 +895,7 @@ class Entry:
 CAST, SYM_ASYM = ("sym",), ("sym", "asym")
 RABITQ = ("qb0", "qb4")
 ASYM = ("asym",)
+SLOW_FIT = {"slow_fit": True, "protocols": ("transfer",)}  # training-free: no in-domain row
 
 METHODS = {  # name -> declaration; the report's order within equal bytes
     "float": Entry(Float),
@@ -913,6 +927,11 @@ METHODS = {  # name -> declaration; the report's order within equal bytes
     # on validation (results/<MiniLM>/experiments/learned-pq.md); searched by faiss's ADC as pq1b is
     "learned_pq1b": Entry(FaissCodes, lambda d: pq(d, d // 8), "training", quantizer="LearnedPQ", loss_weights=(0.0, 1.0),
                           lr=1e-4),
+    # residual quantisation (faiss's additive quantiser), 8-bit and 4-bit fast-scan codes; fitted on the texts like PQ,
+    # each fit in CPU minutes (slow_fit). At 0.75 to 2 bits, and in product form, it lost to PQ on SciFact at every
+    # budget: results/<MiniLM>/experiments/additive-quantisers.md
+    "rq1b": Entry(FaissCodes, lambda d: rq(d, 1), "texts", **SLOW_FIT),
+    "rq1b_fastscan": Entry(FaissCodes, lambda d: rq(d, 1, fast_scan=True), "texts", **SLOW_FIT),
     # RaBitQ: 1 bit per dimension plus 8 bytes of factors; more bits per dimension plus 20 bytes
     "rabitq": Entry(FaissCodes, lambda d: FaissSettings("RaBitQ", -(-d // 8) + 8, "rabitq", RABITQ), "texts"),
     "rabitq_fastscan": Entry(FaissCodes, lambda d: FaissSettings("RaBitQfs", -(-d // 8) + 8, "rabitq", ("qb8", "qb4")),

@@ -5,6 +5,7 @@ Read top to bottom: defaults -> the quantiser protocol and the quantisers (soft 
 training loop and the choice among initialisations -> the training command.
 
     python quantization_modules.py                          # transfer: fit and train every method, checkpoints/
+    python quantization_modules.py --methods rq1b lsq1b     # slow fits (CPU minutes each) only when named
     python quantization_modules.py --protocol in-domain     # the evaluated tasks' train queries added
     python quantization_modules.py --methods pq1b int8      # only these
 
@@ -451,6 +452,7 @@ def train_candidates(build, embeddings, validate, n_random: int = RANDOM_INITS, 
 
 def parse_args(argv=None) -> argparse.Namespace:
     fitted = [name for name, e in methods.METHODS.items() if e.fitted_on != "nothing"]
+    default = [name for name in fitted if not methods.entry(name).slow_fit]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"error: {message}")
     p.add_argument("--train-data", type=Path, default=TRAIN_DATA, help="folder with pairs/ and beir-small/ (fitting texts)")
@@ -459,8 +461,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(CHECKPOINTS_DIR), help="checkpoints go to <out>/<model-slug>/[in-domain/]")
     p.add_argument("--protocol", default="transfer", choices=PROTOCOLS)
     p.add_argument("--tasks", nargs="+", default=TASKS, help="evaluated tasks (folders in --data-dir): validation, in-domain data")
-    p.add_argument("--methods", nargs="+", default=fitted, choices=fitted, metavar="METHOD",
-                   help=f"registry methods to fit or train (default: all): {', '.join(fitted)}")
+    p.add_argument("--methods", nargs="+", default=default, choices=fitted, metavar="METHOD",
+                   help=f"registry methods to fit or train (default: all but the slow fits, "
+                        f"{', '.join(n for n in fitted if n not in default)}): {', '.join(fitted)}")
     p.add_argument("--model", default=DEFAULT_MODEL, type=canonical_name)
     p.add_argument("--cache-dir", type=Path, default=Path(CACHE_DIR))
     p.add_argument("--max-per-source", type=int, default=MAX_PER_SOURCE)

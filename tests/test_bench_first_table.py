@@ -31,11 +31,12 @@ def test_the_evaluation_scores_every_row_that_needs_no_training_and_fits_what_it
     work, _, costs = measured
     evaluation = costs["evaluation"]
     applies = [n for n in methods.METHODS if methods.applies(n, DIM) is None and "transfer" in methods.entry(n).protocols]
-    untrained = {row for n in applies if methods.entry(n).learned for row in methods.table_rows(n, DIM)}
+    untrained = {row for n in applies if methods.entry(n).learned or methods.entry(n).slow_fit  # named, not made
+                 for row in methods.table_rows(n, DIM)}
     table = pd.read_csv(work / "evaluation" / "results" / "latest.csv")
     assert set(table.method) == set(results.expected_rows(DIM, "transfer")) - untrained
     assert evaluation["rows"] == len(set(table.method))
-    fitted = [n for n in applies if methods.entry(n).fitted_on == "texts"]
+    fitted = [n for n in applies if methods.entry(n).fitted_on == "texts" and not methods.entry(n).slow_fit]
     assert evaluation["fits"] == len(fitted)
     assert sorted(p.stem for p in (work / "evaluation" / "checkpoints").glob("*/*.safetensors")) == sorted(fitted)
 
@@ -43,7 +44,7 @@ def test_the_evaluation_scores_every_row_that_needs_no_training_and_fits_what_it
 def test_the_training_command_fits_and_trains_every_method_from_an_empty_cache(measured):
     work, _, costs = measured
     applies = [n for n in methods.METHODS if methods.applies(n, DIM) is None and methods.entry(n).fitted_on != "nothing"
-               and "transfer" in methods.entry(n).protocols]
+               and "transfer" in methods.entry(n).protocols and not methods.entry(n).slow_fit]
     assert costs["training"]["methods"] == len(applies)
     assert sorted(p.stem for p in (work / "training" / "checkpoints").glob("*/*.safetensors")) == sorted(applies)
     assert list((work / "training" / "cache").iterdir())  # it encoded into its own cache, not the evaluation's

@@ -114,7 +114,7 @@ def test_validation_in_training_and_the_evaluation_report_give_the_same_ndcg(eva
     task = {k: task_embeddings[k] for k in ("docs", "queries", "doc_ids", "query_ids")}
     qrels, ndcg = task_embeddings["qrels"], metric(evaluated.rows, "ndcg_at_10")
     int8 = checkpoints.load_method("int8", DIM, DEFAULT_MODEL, fitted.checkpoints, "transfer")[0]
-    for name in [n for n, e in methods.METHODS.items() if "transfer" in e.protocols]:
+    for name in [n for n, e in methods.METHODS.items() if "transfer" in e.protocols and not e.slow_fit]:  # slow: named
         method = checkpoints.load_method(name, DIM, DEFAULT_MODEL, fitted.checkpoints, "transfer")[0]
         for row, mode in methods.rows_of(name, DIM).items():
             reranker = {"int8": int8, "float": methods.make_method("float", DIM)}.get(methods.MODES[mode].reranker)
@@ -315,11 +315,15 @@ def test_a_method_fitted_on_texts_without_a_checkpoint_is_fitted_as_the_training
                                                                                                   embedding_cache, tmp_path):
     """No checkpoint for pq1b and int8: the evaluation fits them on the fitting texts (the same texts, fit and
     checkpoint arrays as the training command's), writes their checkpoints where the training command would, scores
-    their rows, and a rerun loads them rather than fitting again. A learned method without one is one line."""
+    their rows, and a rerun loads them rather than fitting again. A learned method, or a slow fit, without one is one
+    line naming the command that makes it."""
     common = ["--tasks", "SciFact", "--data-dir", fitted.data_dir, "--cache-dir", embedding_cache, "--train-data", train_data,
-              "--checkpoints", tmp_path / "checkpoints", "--methods", "pq1b", "int8", "stage1_trained", "--modes"]
+              "--checkpoints", tmp_path / "checkpoints", "--methods", "pq1b", "int8", "stage1_trained", "rq1b", "--modes"]
     stdout = evaluate(*common, "--output", tmp_path / "results")
     assert f"stage1_trained: skipped, not trained yet (no checkpoint at {tmp_path / 'checkpoints'}" in stdout
+    slow = checkpoints.checkpoint_path(tmp_path / "checkpoints", DEFAULT_MODEL, "rq1b")
+    assert (f"rq1b: skipped, not fitted yet, a fit of CPU minutes (no checkpoint at {slow}): python quantization_modules.py "
+            f"--model {DEFAULT_MODEL} --methods rq1b") in stdout.splitlines() and not slow.exists()
     for name in ("pq1b", "int8"):
         path = checkpoints.checkpoint_path(tmp_path / "checkpoints", DEFAULT_MODEL, name)
         assert re.search(rf"^{name}: fitted on [0-9,]+ texts in [0-9.]+s, wrote {re.escape(str(path))}$", stdout, re.M)

@@ -353,8 +353,10 @@ def test_training_and_validation_queries_never_meet_test_queries(folder, shared_
 # the training command
 
 
-def fitted_names(protocol: str = "transfer") -> list[str]:
-    return [n for n, e in methods.METHODS.items() if e.fitted_on != "nothing" and protocol in e.protocols]
+def fitted_names(protocol: str = "transfer", slow: bool = False) -> list[str]:
+    """The methods the training command fits or trains by default (`slow`: and the slow fits it makes when named)."""
+    return [n for n, e in methods.METHODS.items() if e.fitted_on != "nothing" and protocol in e.protocols
+            and (slow or not e.slow_fit)]
 
 
 def checkpoint_metadata(run, name: str, protocol: str = "transfer") -> dict:
@@ -634,7 +636,7 @@ def test_a_training_failure_after_the_writability_check_leaves_no_new_checkpoint
 
 
 def test_a_missing_checkpoint_names_a_training_command_that_accepts_it(tmp_path):
-    for name in fitted_names():
+    for name in fitted_names(slow=True):
         with pytest.raises(data_module.UsageError) as refused:
             checkpoints.load_method(name, 384, DEFAULT_MODEL, tmp_path, "transfer")
         command = str(refused.value).split("make one with: python quantization_modules.py ")[1].split()
