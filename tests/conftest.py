@@ -236,11 +236,13 @@ def run_training(args: list[str]) -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def fitted(train_data, task_with_ties, embedding_cache, tmp_path_factory) -> SimpleNamespace:
     """The training command, transfer, on the real fitting texts: every fitted and trained method of the registry
-    (two candidates each, two epochs), validated on task_with_ties. `.checkpoints` is its --out folder; `.opened`,
-    `.embedded`, `.fitted_rows` and `.stdout` record what it opened, embedded, fitted on and printed."""
+    (two candidates each, two epochs) and the slow fits, named, validated on task_with_ties. `.checkpoints` is its --out
+    folder; `.opened`, `.embedded`, `.fitted_rows` and `.stdout` record what it opened, embedded, fitted on and printed."""
     out = tmp_path_factory.mktemp("checkpoints")
+    every = [name for name, e in methods.METHODS.items() if e.fitted_on != "nothing"]
     run = run_training(["--train-data", str(train_data), "--data-dir", str(task_with_ties), "--tasks", "SciFact",
-                        "--out", str(out), "--cache-dir", str(embedding_cache), "--random-inits", "0", "--epochs", "2"])
+                        "--out", str(out), "--cache-dir", str(embedding_cache), "--random-inits", "0", "--epochs", "2",
+                        "--methods", *every])
     run.checkpoints, run.data_dir = out, task_with_ties
     return run
 

@@ -353,10 +353,15 @@ def test_training_and_validation_queries_never_meet_test_queries(folder, shared_
 # the training command
 
 
-def fitted_names(protocol: str = "transfer", slow: bool = False) -> list[str]:
-    """The methods the training command fits or trains by default (`slow`: and the slow fits it makes when named)."""
-    return [n for n, e in methods.METHODS.items() if e.fitted_on != "nothing" and protocol in e.protocols
-            and (slow or not e.slow_fit)]
+def fitted_names(protocol: str = "transfer") -> list[str]:
+    return [n for n, e in methods.METHODS.items() if e.fitted_on != "nothing" and protocol in e.protocols]
+
+
+def test_the_training_command_makes_slow_fits_only_when_named():
+    slow = [n for n in fitted_names() if methods.entry(n).slow_fit]
+    assert slow and not set(slow) & set(qm.parse_args([]).methods)
+    assert set(qm.parse_args([]).methods) == set(fitted_names()) - set(slow)
+    assert qm.parse_args(["--methods", *slow]).methods == slow
 
 
 def checkpoint_metadata(run, name: str, protocol: str = "transfer") -> dict:
@@ -636,7 +641,7 @@ def test_a_training_failure_after_the_writability_check_leaves_no_new_checkpoint
 
 
 def test_a_missing_checkpoint_names_a_training_command_that_accepts_it(tmp_path):
-    for name in fitted_names(slow=True):
+    for name in fitted_names():
         with pytest.raises(data_module.UsageError) as refused:
             checkpoints.load_method(name, 384, DEFAULT_MODEL, tmp_path, "transfer")
         command = str(refused.value).split("make one with: python quantization_modules.py ")[1].split()
