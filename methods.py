@@ -422,7 +422,7 @@ def rq(d: int, bits_per_dim: float, fast_scan: bool = False) -> FaissSettings:
 class FaissCodes(Family):
     """Documents stored as the codes of a faiss index made by `index_factory(spec)`: casts (SQfp16, SQbf16), scalar
     quantisation with per-dimension ranges fitted on the fitting texts (SQ8, SQ4), product quantisation (PQ, OPQ),
-    RaBitQ (1 to 9 bits per dimension plus per-vector factors)."""
+    residual quantisation (RQ), RaBitQ (1 to 9 bits per dimension plus per-vector factors)."""
 
     Settings = FaissSettings
 

@@ -5,7 +5,7 @@ Read top to bottom: defaults -> the quantiser protocol and the quantisers (soft 
 training loop and the choice among initialisations -> the training command.
 
     python quantization_modules.py                          # transfer: fit and train every method, checkpoints/
-    python quantization_modules.py --methods rq1b lsq1b     # slow fits (CPU minutes each) only when named
+    python quantization_modules.py --methods rq1b rq1b_fastscan   # slow fits (CPU minutes each) only when named
     python quantization_modules.py --protocol in-domain     # the evaluated tasks' train queries added
     python quantization_modules.py --methods pq1b int8      # only these
 
