@@ -43,7 +43,7 @@ def quicker_fits(method) -> None:
     """OPQ's rotation in 2 iterations rather than 20 (5 s at d = 256), residual quantisation with a beam of 1 and 2
     k-means iterations (17 s down to 2 at d = 256): these tests need their codes, not their quality."""
     index = getattr(method, "faiss_index", None)
-    if hasattr(inner := methods.FaissCodes.inner(index) if index is not None else None, "rq"):
+    if index is not None and hasattr(inner := methods.FaissCodes.inner(index), "rq"):
         inner.rq.max_beam_size, inner.rq.cp.niter = 1, 2
     if isinstance(index, faiss.IndexPreTransform):
         for i in range(index.chain.size()):
